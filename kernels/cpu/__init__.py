@@ -1,0 +1,1 @@
+"""CPU kernels (C, AVX-512, OpenMP)."""

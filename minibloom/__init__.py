@@ -1,0 +1,1 @@
+"""minibloom: BLOOM/BLOOMZ and mT5/mT0 from scratch."""
