@@ -1,0 +1,248 @@
+"""`minibloom.load`: find a checkpoint, build the model for its model_type, load weights and tokenizer."""
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import ops
+from .errors import MinibloomError
+from .generate import GenerationOptions, decode_tokens
+from .hub import resolve
+from .loader import Checkpoint, check_loaded, load_tensors, parse_dtype, read_config
+from .tokenizer import Tokenizer
+
+
+# model_type in config.json -> the minibloom module that implements it
+ARCHITECTURES = {"bloom": "bloom", "mt5": "mt5", "t5": "mt5"}
+
+
+def parse_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise MinibloomError(f"invalid device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MinibloomError(f"device {device!r} requested but no CUDA GPU is available (this torch build: "
+                                 f"{torch.__version__}); use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MinibloomError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) present")
+    elif dev.type != "cpu":
+        raise MinibloomError(f"unsupported device {device!r}: use 'cpu', 'cuda' or 'cuda:N'")
+    return dev
+
+
+def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "auto", quantize=None) -> "LM":
+    """Load a BLOOM/BLOOMZ or mT5/mT0/T5 checkpoint: a folder, a Hub repo id or a family name (bloomz-560m).
+
+    dtype: 'float32' | 'bfloat16' | 'float16' | None (the checkpoint's own dtype).
+    device: 'cpu' | 'cuda' | 'cuda:N'.  backend: 'auto' | 'reference' | 'fused'.
+    quantize: None | 'int8' (LLM.int8(): int8 weights and activations) | 'int8-weight' (int8 weights only).
+    """
+    t0 = time.perf_counter()
+    dev = parse_device(device)
+    want_dtype = parse_dtype(dtype)
+    be = ops.get_backend(backend, dev)
+    folder = resolve(model)
+    config = read_config(folder)
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise MinibloomError(f"{folder}/config.json has model_type {model_type!r}, which minibloom does not support: "
+                             f"supported model types are {', '.join(sorted(ARCHITECTURES))}")
+    arch = importlib.import_module(f".{ARCHITECTURES[model_type]}", __package__)
+    ckpt = Checkpoint(folder)
+    dtype = want_dtype or _config_dtype(config) or ckpt.float_dtype()
+    net = arch.build(config)
+    quantizer = None
+    if quantize is not None:
+        from .quantize import Quantizer
+        quantizer = Quantizer(quantize, dtype, dev)
+    load_tensors(net, ckpt, arch.checkpoint_names(net, ckpt), arch.ignored_key, dtype, dev, quantizer)
+    arch.tie(net, ckpt)
+    for name, buf in list(net.named_buffers()):  # derived buffers (ALiBi slopes) follow the device
+        module_name, _, attr = name.rpartition(".")
+        net.get_submodule(module_name)._buffers[attr] = buf.to(dev)
+    check_loaded(net)
+    net.eval()
+    be.attach(net)
+    lm = LM(net, Tokenizer(folder, config), config, folder, dtype, dev)
+    lm.load_seconds = time.perf_counter() - t0
+    return lm
+
+
+def _config_dtype(config: dict):
+    name = config.get("torch_dtype") or config.get("dtype")
+    return parse_dtype(name) if name in ("float32", "bfloat16", "float16") else None
+
+
+class LM:
+    """A loaded model: `.model` (the nn.Module), `.tokenizer`, `.config` (the config.json dict)."""
+
+    def __init__(self, model, tokenizer: Tokenizer, config: dict, folder: Path, dtype, device):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.folder, self.dtype, self.device = folder, dtype, device
+        self.is_encoder_decoder = model.is_encoder_decoder
+        self.load_seconds = 0.0
+
+    # -- prompts -> tensors ------------------------------------------------------------------------------------------
+    def encode_batch(self, prompts: list[str]):
+        """Token ids (B, T) and mask (B, T). Decoder-only prompts are left-padded (the new tokens line up at the
+        right); encoder inputs are right-padded (the T5 bias depends on relative positions only)."""
+        if not prompts:
+            raise MinibloomError("no prompt given: pass a non-empty string or list of strings")
+        rows = []
+        for p in prompts:
+            if not isinstance(p, str):
+                raise MinibloomError(f"prompts must be strings, got {type(p).__name__}")
+            if not p.strip():
+                raise MinibloomError("empty prompt: give the model some text to continue")
+            rows.append(self.tokenizer.encode(p))
+        T = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        ids = torch.full((len(rows), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for b, r in enumerate(rows):
+            sl = slice(0, len(r)) if self.is_encoder_decoder else slice(T - len(r), T)
+            ids[b, sl] = torch.tensor(r, dtype=torch.long)
+            mask[b, sl] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # -- generation --------------------------------------------------------------------------------------------------
+    def generate_ids(self, input_ids, attention_mask=None, **options) -> torch.Tensor:
+        """New tokens only, (B * num_return_sequences, N); rows that end early are padded with the pad id."""
+        opts = GenerationOptions.from_kwargs(options)
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, opts)
+        if opts.num_beams > 1:
+            from .beam import beam_search
+            return beam_search(self.model, input_ids, attention_mask, opts, self.tokenizer.eos_id,
+                               self.tokenizer.pad_id)
+        steps = list(decode_tokens(self.model, input_ids, attention_mask, opts, self.tokenizer.eos_id,
+                                   self.tokenizer.pad_id, self._stop_check(opts)))
+        return torch.stack(steps, dim=1)
+
+    def generate(self, prompt_or_prompts, **options):
+        """The completion (str) of a prompt, or a list of completions for a list of prompts."""
+        single = isinstance(prompt_or_prompts, str)
+        prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
+        ids, mask = self.encode_batch(prompts)
+        out = self.generate_ids(ids, mask, **options)
+        stop = GenerationOptions.from_kwargs(options).stop
+        texts = [_cut_at_stop(self.tokenizer.decode(row), stop) for row in out.tolist()]
+        return texts[0] if single and len(texts) == 1 else texts
+
+    def stream(self, prompt: str, **options):
+        """Yield text pieces of the completion as they are generated (greedy or sampling)."""
+        opts = GenerationOptions.from_kwargs(options)
+        if opts.num_beams > 1:
+            raise MinibloomError("streaming works with greedy decoding or sampling, not beam search: "
+                                 "use num_beams=1, or generate() for beams")
+        ids, mask = self.encode_batch([prompt])
+        self._check_inputs(ids, mask, opts)
+        decoder = self.tokenizer.streamer()
+        held = ""  # text withheld because it could be the start of a stop string
+        for tokens in decode_tokens(self.model, ids, mask, opts, self.tokenizer.eos_id, self.tokenizer.pad_id,
+                                    self._stop_check(opts)):
+            token = int(tokens[0])
+            if token == self.tokenizer.eos_id:
+                break
+            held += decoder.put(token)
+            piece, held, stopped = _split_stop(held, opts.stop)
+            if piece:
+                yield piece
+            if stopped:
+                return
+        held += decoder.flush()
+        piece, _, _ = _split_stop(held, opts.stop, final=True)
+        if piece:
+            yield piece
+
+    def _stop_check(self, opts):
+        if not opts.stop:
+            return None
+        def check(generated: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([any(s in self.tokenizer.decode(row) for s in opts.stop)
+                                 for row in generated.tolist()], device=generated.device)
+        return check
+
+    def _check_inputs(self, input_ids, attention_mask, opts):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise MinibloomError("input_ids must be a (batch, length) LongTensor with at least one token")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise MinibloomError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
+                                 f"{tuple(input_ids.shape)}")
+        vocab = self.model.config.vocab_size
+        if int(input_ids.max()) >= vocab or int(input_ids.min()) < 0:
+            raise MinibloomError(f"input_ids contain a token id outside the vocabulary [0, {vocab})")
+        check_memory(self.model, input_ids.shape[0] * opts.num_beams, input_ids.shape[1], opts.max_new_tokens,
+                     self.dtype, self.device)
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    def trace(self, prompt: str, decoder_prompt: str | None = None) -> dict:
+        """Named intermediates of one forward pass: {"embeddings": ..., "h.0": ..., ..., "logits": ...}."""
+        ids, mask = self.encode_batch([prompt])
+        self.model.taps = {}
+        try:
+            with torch.no_grad():
+                if self.is_encoder_decoder:
+                    dec = torch.tensor([[self.model.config.decoder_start_token_id] +
+                                        (self.tokenizer.encode(decoder_prompt)[:-1] if decoder_prompt else [])])
+                    logits = self.model(ids, mask, decoder_input_ids=dec.to(self.device))
+                else:
+                    logits = self.model(ids, mask)
+            taps = self.model.taps
+            taps["logits"] = logits
+            return taps
+        finally:
+            self.model.taps = None
+
+
+def check_memory(model, batch: int, prompt_len: int, new_tokens: int, dtype, device):
+    """Refuse a request whose KV cache cannot fit, before allocating it."""
+    need = model.cache_bytes(batch, prompt_len + new_tokens, dtype)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = _available_ram()
+    if free is not None and need > 0.9 * free:
+        raise MinibloomError(
+            f"batch {batch} x ({prompt_len} prompt + {new_tokens} new) tokens needs {need / 2**30:.1f} GiB of "
+            f"KV cache, but only {free / 2**30:.1f} GiB is free: lower max_new_tokens, the batch or the prompt length")
+
+
+def _available_ram():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cut_at_stop(text: str, stop) -> str:
+    cuts = [text.find(s) for s in stop if s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+def _split_stop(text: str, stop, final=False):
+    """Split streamed text into (safe to print, held back, stopped). Text that could begin a stop string is held."""
+    if not stop:
+        return text, "", False
+    cut = _cut_at_stop(text, stop)
+    if len(cut) < len(text):
+        return cut, "", True
+    if final:
+        return text, "", False
+    hold = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return text[:len(text) - hold], text[len(text) - hold:], False

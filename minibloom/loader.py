@@ -1,0 +1,231 @@
+"""Reading Hub checkpoints: config.json and safetensors (single file or sharded), memory-mapped.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+then the raw tensor bytes. We parse the header ourselves so that a truncated or corrupt file is named in the error,
+and we map the data with mmap: a tensor loaded in the checkpoint's own dtype is a view of the file's pages (no second
+copy in memory). A tensor that must change dtype (or be quantized) is read with a plain file read instead, so the
+file's pages never pile up in memory next to the converted copy.
+"""
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from .errors import MinibloomError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """'float32' | 'bfloat16' | 'float16' (or None / 'auto' for the checkpoint's own dtype)."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise MinibloomError(f"unknown dtype {name!r}: use one of float32, bfloat16, float16 (or auto)")
+    return DTYPES[name]
+
+
+def read_config(folder: Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise MinibloomError(f"{folder} has no config.json: pass the folder of a Hugging Face checkpoint")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MinibloomError(f"{path} is not valid JSON ({e}): re-download it") from e
+
+
+class SafetensorsFile:
+    """One .safetensors file: its header, and its tensors as views of a private memory map."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MinibloomError(f"missing checkpoint file {self.path}: re-download the model")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise MinibloomError(f"{self.path} is truncated ({size} bytes): re-download it")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise MinibloomError(f"{self.path} is corrupt or truncated (header length {n}, file {size} bytes): "
+                                     f"re-download it")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise MinibloomError(f"{self.path} has a corrupt header ({e}): re-download it") from e
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries = {}
+        for name, e in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[e["dtype"]]
+                begin, end = e["data_offsets"]
+                shape = tuple(e["shape"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise MinibloomError(f"{self.path}: bad header entry for {name!r}: re-download the file") from err
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - begin != numel * dtype.itemsize or self.data_start + end > size:
+                raise MinibloomError(
+                    f"{self.path} is truncated or corrupt: tensor {name!r} needs bytes {begin}..{end} of the data "
+                    f"section but the file has {size - self.data_start}. Re-download it")
+            self.entries[name] = (dtype, shape, begin, end)
+        self._map = None
+
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor as a view of the file (copy-on-write private mapping: writes never reach the file)."""
+        dtype, shape, begin, end = self.entries[name]
+        if begin == end:
+            return torch.empty(shape, dtype=dtype)
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        flat = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=self.data_start + begin)
+        return flat.view(dtype).view(shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor read into fresh memory with plain file reads (the file's pages are not kept mapped)."""
+        dtype, shape, begin, end = self.entries[name]
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.data_start + begin)
+            if f.readinto(out.numpy()) != end - begin:
+                raise MinibloomError(f"{self.path} is truncated while reading {name!r}: re-download it")
+        return out.view(dtype).view(shape)
+
+
+class Checkpoint:
+    """All tensors of a checkpoint folder: model.safetensors, or shards listed in model.safetensors.index.json."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        single = self.folder / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise MinibloomError(f"{index} is corrupt (no weight_map): re-download it") from e
+            names = sorted(set(weight_map.values()))  # shard names come from the index, never from a pattern
+            missing = [n for n in names if not (self.folder / n).is_file()]
+            if missing:
+                raise MinibloomError(f"missing shard(s) {', '.join(missing)} listed in {index}: re-download the model")
+            files = {n: SafetensorsFile(self.folder / n) for n in names}
+            self.where = {}
+            for key, shard in weight_map.items():
+                if key not in files[shard].entries:
+                    raise MinibloomError(f"{index} lists {key!r} in {shard}, but that file does not hold it: "
+                                         f"re-download the model")
+                self.where[key] = files[shard]
+        elif single.is_file():
+            file = SafetensorsFile(single)
+            self.where = {key: file for key in file.entries}
+        else:
+            others = sorted(p.name for p in self.folder.glob("*.bin")) + sorted(p.name for p in self.folder.glob("*.pt"))
+            hint = (f" (found {', '.join(others[:3])}: convert them to safetensors, e.g. with the Hub's "
+                    f"'convert to safetensors' space)") if others else ""
+            raise MinibloomError(f"{self.folder} has no model.safetensors or model.safetensors.index.json{hint}")
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def file_of(self, key: str) -> str:
+        return self.where[key].path.name
+
+    def shape(self, key: str) -> tuple:
+        return self.where[key].entries[key][1]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.where[key].entries[key][0]
+
+    def tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor in `dtype`: a memory-mapped view if no conversion is needed, else a converted copy."""
+        file = self.where[key]
+        if dtype is None or dtype == self.dtype(key):
+            return file.view(key)
+        return file.read(key).to(dtype)
+
+    def raw(self, key: str) -> torch.Tensor:
+        """The tensor in its own dtype, in fresh memory (for quantizing without keeping the file mapped)."""
+        return self.where[key].read(key)
+
+    def float_dtype(self) -> torch.dtype:
+        """The dtype most floating-point tensors are stored in."""
+        counts: dict = {}
+        for key, file in self.where.items():
+            dt, shape = file.entries[key][:2]
+            if dt.is_floating_point:
+                n = 1
+                for d in shape:
+                    n *= d
+                counts[dt] = counts.get(dt, 0) + n
+        return max(counts, key=counts.get) if counts else torch.float32
+
+
+def load_tensors(model: torch.nn.Module, ckpt: Checkpoint, names: dict[str, list[str]], ignored,
+                 dtype: torch.dtype | None, device: torch.device, quantize=None) -> None:
+    """Fill every parameter of `model` (built on the meta device) from `ckpt`.
+
+    names:   parameter name -> checkpoint keys to try, in order (aliases, prefixes)
+    ignored: predicate on checkpoint keys that may be present but are not used (redundant copies)
+    quantize: optional callable(module, attr, ckpt, key) -> bool; True when it stored a quantized weight itself
+    Every checkpoint tensor must be used or ignored, and every parameter found with the right shape.
+    """
+    used = set()
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    for pname, target in params.items():
+        if pname not in names:
+            continue  # derived buffers (e.g. quantization scales) are filled by their owner
+        candidates = names[pname]
+        key = next((k for k in candidates if k in ckpt), None)
+        if key is None:
+            raise MinibloomError(
+                f"missing tensor {candidates[0]!r} (for {pname}) in {ckpt.folder}: the checkpoint does not match "
+                f"its config.json. Re-download it, or check that config.json belongs to these weights")
+        want = tuple(target.shape)
+        have = ckpt.shape(key)
+        if have != want:
+            raise MinibloomError(
+                f"tensor {key!r} in {ckpt.file_of(key)} has shape {list(have)}, but config.json implies {list(want)}: "
+                f"the weights and the config do not match")
+        used.add(key)
+        module_name, _, attr = pname.rpartition(".")
+        module = model.get_submodule(module_name)
+        if quantize is not None and quantize(module, attr, ckpt, key):
+            continue
+        value = ckpt.tensor(key, dtype if ckpt.dtype(key).is_floating_point else None).to(device)
+        if attr in module._parameters:
+            module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+        else:
+            module._buffers[attr] = value
+    unexpected = [k for k in ckpt.keys() if k not in used and not ignored(k)]
+    if unexpected:
+        k = unexpected[0]
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise MinibloomError(
+            f"unexpected tensor {k!r}{more} in {ckpt.file_of(k)}: the checkpoint has weights the model does not use. "
+            f"Check that config.json matches the weights")
+
+
+def check_loaded(model: torch.nn.Module) -> None:
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise MinibloomError(f"internal error: parameter {left[0]} was not loaded")

@@ -1,0 +1,235 @@
+"""The math that has a fused counterpart, in plain PyTorch, and the one switch that picks kernels.
+
+Every model calls attention and linear layers through a `Backend`:
+  - `Reference`: plain PyTorch, op for op what transformers computes (bit-exact on CPU; see tests/).
+  - `Fused`: the kernels in minibloom.kernels (C/AVX-512 on CPU, Triton on CUDA), checked against the reference.
+`backend="auto"` takes the kernels when they build and falls back to the reference, saying so once.
+
+Conventions shared with the kernels (kernels/attention_ref.py is their executable spec):
+  q: (B, H, T, D); k, v: (B, H, S, D) (views of a preallocated cache are fine)
+  key_pos: (B, S) int — the position of each key (BLOOM: from the attention mask's cumsum; T5: its index),
+           -1 for a masked (padding) key
+  causal: query t sees key j only if j <= t + q_offset
+"""
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import MinibloomError
+
+BACKENDS = ("auto", "reference", "fused")
+
+
+# --- ALiBi (BLOOM) ------------------------------------------------------------------------------------------------
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Per-head ALiBi slopes, (H,) fp32, computed as transformers does (fp32 torch.pow) for bit-exactness.
+
+    For a power of two n: 2^(-8/n), 2^(-16/n), ... For other n (bloom-176B has 112 heads): the slopes of the
+    closest lower power of two c, then the odd powers of 2^(-4/c) (every other slope of the 2c-head model).
+    """
+    c = 2 ** math.floor(math.log2(n_head))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(c) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + c, dtype=torch.int32))
+    if c != n_head:
+        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * c) - 3))), dtype=torch.float32)
+        r = min(c, n_head - c)
+        slopes = torch.cat([slopes, torch.pow(extra_base, torch.arange(1, 2 * r, 2, dtype=torch.int32))])
+    return slopes
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) 0/1 attention mask -> (B, S) key positions: 0, 1, 2, ... over the real tokens, -1 on padding.
+
+    Left padding therefore does not shift positions: every row gets the positions it has when run alone.
+    """
+    mask = mask.long()
+    return torch.where(mask.bool(), mask.cumsum(-1) - 1, -1)
+
+
+def causal_mask(key_pos: torch.Tensor, T: int, q_offset: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, T, S): 0 where query t may see key j (causal and not padding), finfo.min elsewhere."""
+    S = key_pos.shape[1]
+    j = torch.arange(S, device=key_pos.device)
+    t = torch.arange(T, device=key_pos.device)[:, None] + q_offset
+    allowed = (j[None, :] <= t)[None, None] & (key_pos >= 0)[:, None, None, :]  # (B, 1, T, S)
+    return torch.zeros(allowed.shape, dtype=dtype, device=key_pos.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def alibi_attention_ref(q, k, v, key_pos, slopes, q_offset: int) -> torch.Tensor:
+    """Causal attention with ALiBi, exactly as transformers' BloomAttention computes it.
+
+    scores = alibi + (q . k) / sqrt(D) in ONE baddbmm (beta=1, alpha=1/sqrt(D)): the bias is not scaled,
+    and a separate matmul + add rounds differently in bf16. The bias depends on the key position only
+    (slope * pos_j, no -i term): softmax is shift-invariant per query row.
+    """
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    pos = key_pos.clamp(min=0)                                                   # padding keys are masked below
+    alibi = (slopes.to(q.device)[None, :, None] * pos[:, None, :]).reshape(B * H, 1, S).to(q.dtype)  # cast after *
+    scores = alibi.baddbmm(q.reshape(B * H, T, D), k.reshape(B * H, S, D).transpose(1, 2),
+                           beta=1.0, alpha=1.0 / math.sqrt(D))                   # (B*H, T, S)
+    scores = scores.view(B, H, T, S) + causal_mask(key_pos, T, q_offset, q.dtype)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)           # softmax in fp32
+    return torch.bmm(probs.view(B * H, T, S), v.reshape(B * H, S, D)).view(B, H, T, D)
+
+
+# --- T5 relative position bias ------------------------------------------------------------------------------------
+
+def t5_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """Relative position (key - query) -> bucket, as Mesh TensorFlow and transformers define it.
+
+    Half of the buckets (per direction) are exact distances 0..max_exact-1; the rest grow logarithmically up to
+    max_distance, beyond which everything shares the last bucket. The log is fp32, as in transformers.
+    """
+    bucket = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (rel > 0).long() * num_buckets
+        rel = rel.abs()
+    else:
+        rel = -torch.min(rel, torch.zeros_like(rel))
+    max_exact = num_buckets // 2
+    large = max_exact + (torch.log(rel.float() / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).long()
+    large = torch.min(large, torch.full_like(large, num_buckets - 1))
+    return bucket + torch.where(rel < max_exact, rel, large)
+
+
+@dataclass
+class T5Bias:
+    """The relative position bias of one T5 stack: block 0's table, shared by every layer of the stack."""
+    table: torch.Tensor          # (num_buckets, H): relative_attention_bias.weight
+    bidirectional: bool          # encoder: True; decoder self-attention: False
+    max_distance: int
+
+    def dense(self, T: int, S: int, q_offset: int) -> torch.Tensor:
+        """(1, H, T, S) bias for queries q_offset..q_offset+T-1 against keys 0..S-1 (transformers' compute_bias)."""
+        key = (T, S, q_offset)
+        if getattr(self, "_key", None) != key:  # computed once per forward, reused by every layer
+            query_pos = torch.arange(T, device=self.table.device)[:, None] + q_offset
+            rel = torch.arange(S, device=self.table.device)[None, :] - query_pos
+            buckets = t5_bucket(rel, self.bidirectional, self.table.shape[0], self.max_distance)
+            self._key, self._dense = key, F.embedding(buckets, self.table).permute(2, 0, 1).unsqueeze(0)
+        return self._dense
+
+
+def t5_attention_ref(q, k, v, key_pos, bias: T5Bias | None, causal: bool, q_offset: int) -> torch.Tensor:
+    """T5 attention as transformers' eager path computes it: no 1/sqrt(D) scaling (folded into the init),
+    scores + position bias + additive mask, softmax in the activation dtype (CPU upcasts internally)."""
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    scores = torch.matmul(q, k.transpose(2, 3))                                  # (B, H, T, S)
+    if bias is not None:
+        scores = scores + bias.dense(T, S, q_offset).to(scores.dtype)
+    if causal:
+        mask = causal_mask(key_pos, T, q_offset, q.dtype)
+    else:
+        mask = torch.zeros(key_pos.shape, dtype=q.dtype, device=q.device).masked_fill(
+            key_pos < 0, torch.finfo(q.dtype).min)[:, None, None, :]            # (B, 1, 1, S)
+    probs = F.softmax(scores + mask, dim=-1)
+    return torch.matmul(probs, v)                                                # (B, H, T, D)
+
+
+# --- KV cache -----------------------------------------------------------------------------------------------------
+
+class KVCache:
+    """Preallocated keys and values for one attention layer (gpt-fast style): no reallocation while decoding.
+
+    k, v: (B, H, S_max, D). Positions [0, length) are filled; `update` writes new keys at `start`.
+    """
+
+    def __init__(self, B: int, H: int, S_max: int, D: int, dtype, device):
+        self.k = torch.zeros(B, H, S_max, D, dtype=dtype, device=device)
+        self.v = torch.zeros(B, H, S_max, D, dtype=dtype, device=device)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, H, T, D) at [start, start+T) and return views of everything cached so far."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, index: torch.Tensor):
+        """Beam search: row b of the cache becomes old row index[b]."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
+
+# --- Linear layers ------------------------------------------------------------------------------------------------
+
+class Linear(torch.nn.Module):
+    """y = x W^T + b, with W in the Hub's (out_features, in_features) layout.
+
+    Holds float weights, or int8 weights with per-output-row scales (`weight_scale`) after quantization.
+    The math is chosen by the backend the model was loaded with.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, device="meta"), requires_grad=False)
+        self.bias = (torch.nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False)
+                     if bias else None)
+        self.backend: "Backend" = REFERENCE
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backend.linear(x, self)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+# --- Backends -----------------------------------------------------------------------------------------------------
+
+class Backend:
+    """Plain PyTorch: the reference every kernel is checked against."""
+    name = "reference"
+
+    def linear(self, x, layer: Linear):
+        return F.linear(x, layer.weight, layer.bias)
+
+    def alibi_attention(self, q, k, v, key_pos, slopes, q_offset):
+        return alibi_attention_ref(q, k, v, key_pos, slopes, q_offset)
+
+    def t5_attention(self, q, k, v, key_pos, bias, causal, q_offset):
+        return t5_attention_ref(q, k, v, key_pos, bias, causal, q_offset)
+
+    def attach(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Route every layer of `model` through this backend."""
+        for m in model.modules():
+            if hasattr(m, "backend"):
+                m.backend = self
+        model.backend = self
+        return model
+
+
+REFERENCE = Backend()
+_said = set()
+
+
+def _say_once(message: str):
+    if message not in _said:
+        _said.add(message)
+        print(f"minibloom: {message}", file=sys.stderr)
+
+
+def get_backend(name: str, device: torch.device | str = "cpu") -> Backend:
+    """'reference' | 'fused' | 'auto'. 'fused' raises if the kernels are unavailable; 'auto' falls back once."""
+    if name not in BACKENDS:
+        raise MinibloomError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
+    if name == "reference":
+        return REFERENCE
+    from . import fused
+
+    ok, reason = fused.available(torch.device(device))
+    if ok:
+        return fused.FusedBackend(torch.device(device))
+    if name == "fused":
+        raise MinibloomError(f"backend='fused' but the kernels are unavailable: {reason}. "
+                             f"Use backend='reference' (or 'auto' to fall back automatically)")
+    _say_once(f"fused kernels unavailable ({reason}); using the reference PyTorch path")
+    return REFERENCE

@@ -1,0 +1,163 @@
+"""Checkpoints the tests build: transformers models with random weights, saved the way the Hub stores them,
+and tokenizer.json files trained with `tokenizers` using the real models' pipelines. Nothing is downloaded."""
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+CACHE = Path(os.environ.get("MINIBLOOM_TEST_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "tests"))
+
+# Multilingual text for training tokenizers and for tokenizer parity tests.
+CORPUS = [
+    "Translate to English: Je t'aime.", "Explain in a sentence in Telugu what is backpropagation in neural networks.",
+    "Suggest at least five related search terms to \"Mạng neural nhân tạo\".",
+    "Write a fairy tale about a troll saving a princess from a dangerous dragon.",
+    "一个传奇的开端，一个不灭的神话，这不仅仅是一部电影，而是作为一个走进新时代的标签，永远彪炳史册。",
+    "Why is the sky blue? Because of Rayleigh scattering of sunlight in the atmosphere.",
+    "हिंदी भारत की राजभाषा है और यह देवनागरी लिपि में लिखी जाती है।",
+    "తెలుగు ఒక ద్రావిడ భాష. ఇది ఆంధ్ర ప్రదేశ్ మరియు తెలంగాణ రాష్ట్రాల అధికార భాష.",
+    "اللغة العربية هي أكثر اللغات السامية تحدثا، وإحدى أكثر اللغات انتشارا في العالم.",
+    "Tiếng Việt là ngôn ngữ chính thức của Việt Nam, với khoảng 85 triệu người nói.",
+    "Emoji: 😀 🎉 👍🏽 🇫🇷 ❤️ — and “quotes”, tabs\tand\nnew lines.  Double  spaces.",
+    "Is this review positive or negative? Review: this is the best cast iron skillet you will ever buy.",
+    "Les réseaux de neurones apprennent par rétropropagation du gradient. Ça marche très bien!",
+    "Die Katze sitzt auf der Matte. Der schnelle braune Fuchs springt über den faulen Hund.",
+    "¿Dónde está la biblioteca? La biblioteca está cerca de la plaza mayor, a la derecha.",
+    "Съешь же ещё этих мягких французских булок, да выпей чаю.",
+    "日本語の文章も少し含めます。東京は日本の首都です。",
+    "def f(x):\n    return x * 2  # code, too\n",
+]
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _cached(name: str, key, build) -> Path:
+    """Build once into CACHE/<name>-<hash>, atomically; later runs reuse it."""
+    folder = CACHE / f"{name}-{_digest(key)}"
+    if (folder / ".done").exists():
+        return folder
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    (tmp / ".done").touch()
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+# -- tokenizers --------------------------------------------------------------------------------------------------------
+
+def bloom_tokenizer_json(vocab_size: int = 600) -> dict:
+    """A byte-level BPE tokenizer with BLOOM's pipeline (tokenizer.json of bigscience/bloom*)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(" ?[^(\\s|[.,!?…。，、।۔،])]+"), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+    tok.post_processor = processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return json.loads(tok.to_str())
+
+
+def write_bloom_tokenizer(folder: Path, vocab_size: int = 600):
+    (folder / "tokenizer.json").write_text(json.dumps(bloom_tokenizer_json(vocab_size), ensure_ascii=False))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "BloomTokenizer", "padding_side": "left", "add_prefix_space": False,
+        "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
+
+
+# -- BLOOM -----------------------------------------------------------------------------------------------------------
+
+TINY_BLOOM = dict(vocab_size=640, hidden_size=64, n_layer=3, n_head=4)
+BLOOMZ_560M = dict(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16)
+
+
+def hf_bloom(shape: dict, seed: int = 0, scale: float = 1.0):
+    """A transformers BloomForCausalLM with random weights (std 0.02 * scale, LayerNorms perturbed too)."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = BloomConfig(**shape, layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model = BloomForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or "ln_f" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.02)
+            else:
+                p.mul_(scale)
+    return model
+
+
+def save_bloom(model, folder: Path, *, layout: str = "hub", shards: int = 1, dtype=torch.float16,
+               legacy_config: bool = True, shard_style: str = "dash"):
+    """Save as on the Hub. layout "hub": bigscience's keys without prefix and no lm_head.weight;
+    "prefixed": keys of BloomForCausalLM.save_pretrained ("transformer." prefix)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    if layout == "hub":
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    _save_safetensors(sd, folder, shards, shard_style)
+    cfg = model.config.to_dict()
+    cfg = {k: v for k, v in cfg.items() if k not in ("transformers_version",)}
+    cfg["model_type"] = "bloom"
+    cfg["torch_dtype"] = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
+    cfg.pop("dtype", None)
+    if legacy_config:  # bigscience's config.json uses the old names
+        cfg["n_embed"] = cfg.pop("hidden_size")
+        cfg["num_attention_heads"] = cfg.pop("n_head")
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _save_safetensors(sd: dict, folder: Path, shards: int, style: str):
+    if shards == 1:
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    keys = list(sd)
+    per = -(-len(keys) // shards)
+    weight_map, total = {}, 0
+    for i in range(shards):
+        sep = "-" if style == "dash" else "_"
+        name = f"model{sep}{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: sd[k] for k in keys[i * per:(i + 1) * per]}
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+        total += sum(v.numel() * v.element_size() for v in part.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def bloom_checkpoint(shape: dict = TINY_BLOOM, *, layout="hub", shards=1, dtype=torch.float32, seed=0,
+                     scale=1.0, legacy_config=True, shard_style="dash") -> Path:
+    key = ("bloom", shape, layout, shards, str(dtype), seed, scale, legacy_config, shard_style, 3)
+
+    def build(folder):
+        save_bloom(hf_bloom(shape, seed, scale), folder, layout=layout, shards=shards, dtype=dtype,
+                   legacy_config=legacy_config, shard_style=shard_style)
+        write_bloom_tokenizer(folder)
+    return _cached("bloom", key, build)
+
+
+def hf_from_folder(folder: Path, dtype=torch.float32):
+    """transformers' model for a checkpoint folder, eager attention, explicit dtype (the parity oracle)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    cls = AutoModelForSeq2SeqLM if cfg["model_type"] in ("t5", "mt5") else AutoModelForCausalLM
+    return cls.from_pretrained(folder, dtype=dtype, attn_implementation="eager").eval()
