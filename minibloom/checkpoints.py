@@ -1,5 +1,9 @@
-"""Checkpoints the tests build: transformers models with random weights, saved the way the Hub stores them,
-and tokenizer.json files trained with `tokenizers` using the real models' pipelines. Nothing is downloaded."""
+"""Random-weight checkpoints of real shapes, for the tests and the bench (never used by the runtime path).
+
+transformers builds the models (it is imported inside the functions, only here); they are saved the way the Hub
+stores them, with tokenizer.json files trained with `tokenizers` on the real models' pipelines. Nothing is
+downloaded. Builds are cached in $MINIBLOOM_CACHE (default ~/.cache/minibloom/checkpoints).
+"""
 import hashlib
 import json
 import os
@@ -9,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-CACHE = Path(os.environ.get("MINIBLOOM_TEST_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "tests"))
+CACHE = Path(os.environ.get("MINIBLOOM_CACHE", Path.home() / ".cache" / "minibloom" / "checkpoints"))
 
 # Multilingual text for training tokenizers and for tokenizer parity tests.
 CORPUS = [
