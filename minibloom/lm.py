@@ -35,12 +35,14 @@ def parse_device(device) -> torch.device:
     return dev
 
 
-def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "auto", quantize=None) -> "LM":
+def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "auto", quantize=None,
+         int8_threshold: float = 6.0) -> "LM":
     """Load a BLOOM/BLOOMZ or mT5/mT0/T5 checkpoint: a folder, a Hub repo id or a family name (bloomz-560m).
 
     dtype: 'float32' | 'bfloat16' | 'float16' | None (the checkpoint's own dtype).
     device: 'cpu' | 'cuda' | 'cuda:N'.  backend: 'auto' | 'reference' | 'fused'.
     quantize: None | 'int8' (LLM.int8(): int8 weights and activations) | 'int8-weight' (int8 weights only).
+    int8_threshold: LLM.int8() outlier threshold (activation columns above it are computed in float).
     """
     t0 = time.perf_counter()
     dev = parse_device(device)
@@ -59,7 +61,7 @@ def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "
     quantizer = None
     if quantize is not None:
         from .quantize import Quantizer
-        quantizer = Quantizer(quantize, dtype, dev)
+        quantizer = Quantizer(quantize, int8_threshold, dev)
     load_tensors(net, ckpt, arch.checkpoint_names(net, ckpt), arch.ignored_key, dtype, dev, quantizer)
     arch.tie(net, ckpt)
     for name, buf in list(net.named_buffers()):  # derived buffers (ALiBi slopes) follow the device

@@ -1,0 +1,137 @@
+"""The `minibloom` command: generate (here), bench, parity and inspect (each in its own module)."""
+import argparse
+import importlib
+import os
+import sys
+import time
+
+from .errors import MinibloomError
+
+DEFAULT_MODEL = "bigscience/bloomz-560m"
+# subcommand -> module with `add_arguments(parser)` and `run(args) -> int`
+SUBCOMMANDS = {
+    "bench": ("bench", "benchmark minibloom against transformers and CTranslate2 and the machine's floor"),
+    "parity": ("parity", "verify a checkpoint against transformers, layer by layer"),
+    "inspect": ("inspect_model", "print the architecture, parameter counts, ALiBi slopes or T5 buckets"),
+}
+
+
+def add_model_arguments(p: argparse.ArgumentParser, default_model=DEFAULT_MODEL):
+    """--model, --dtype, --device, --backend, --quantize: shared by every subcommand."""
+    p.add_argument("--model", "-m", default=default_model,
+                   help="a local folder, a Hub repo id or a family name such as bloomz-560m, mt0-small "
+                        f"(default: {default_model})")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights and activations dtype (default: the checkpoint's own)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--backend", choices=["auto", "reference", "fused"], default="auto",
+                   help="auto: fused kernels when they build, else the reference PyTorch path (default)")
+    p.add_argument("--quantize", choices=["int8", "int8-weight"], default=None,
+                   help="int8: LLM.int8() weights and activations; int8-weight: int8 weights, float activations")
+    p.add_argument("--int8-threshold", type=float, default=6.0,
+                   help="LLM.int8() outlier threshold: activation columns above it stay in float (default 6.0)")
+
+
+def positive_int(text):
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="minibloom",
+        description="BLOOM/BLOOMZ and mT5/mT0 inference from Hub safetensors, without transformers.",
+        epilog="Examples:\n  minibloom generate \"Translate to English: Je t'aime.\"\n"
+               "  minibloom generate --model mt0-small \"Translate to English: Je t'aime.\"\n"
+               "  echo 'Why is the sky blue?' | minibloom generate --max-new-tokens 40 --do-sample --seed 0",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    g = sub.add_parser("generate", help="generate text from a prompt (argument or stdin), streamed to stdout",
+                       description="Generate a completion. Tokens stream to stdout as they are made; load time "
+                                   "and speed go to stderr.")
+    g.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
+    add_model_arguments(g)
+    g.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate at most (default 64)")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0, default 1.0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling probability mass (1.0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0 = off)")
+    g.add_argument("--num-beams", type=positive_int, default=1, help="beam search width (1 = off; no streaming)")
+    g.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            importlib.import_module(f".{module}", __package__).add_arguments(sp)
+        except ImportError:
+            sp.set_defaults(unavailable=f"'minibloom {name}' is not available in this installation")
+    return p
+
+
+def load_from_args(args):
+    from .lm import load
+    return load(args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
+                backend=args.backend, quantize=args.quantize, int8_threshold=args.int8_threshold)
+
+
+def generate(args) -> int:
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise MinibloomError("no prompt: pass it as an argument or pipe it on stdin")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise MinibloomError("empty prompt: give the model some text to continue")
+    lm = load_from_args(args)
+    print(f"[minibloom] loaded {lm.folder} ({lm.dtype}, {lm.device}, backend {lm.model.backend.name}) "
+          f"in {lm.load_seconds:.2f} s", file=sys.stderr)
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                   stop=args.stop, seed=args.seed, num_beams=args.num_beams)
+    t0 = time.perf_counter()
+    n = 0
+    if args.num_beams > 1:
+        text = lm.generate(prompt, **options)
+        n = len(lm.tokenizer.encode(text))
+        sys.stdout.write(text)
+    else:
+        for piece in lm.stream(prompt, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            n += 1
+    sys.stdout.write("\n")
+    dt = time.perf_counter() - t0
+    print(f"[minibloom] {dt:.2f} s, {n / dt:.1f} pieces/s" if args.num_beams == 1 else f"[minibloom] {dt:.2f} s",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command is None:
+        p.print_help()
+        return 2
+    if getattr(args, "unavailable", None):
+        print(f"minibloom: error: {args.unavailable}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "generate":
+            return generate(args)
+        module = importlib.import_module(f".{SUBCOMMANDS[args.command][0]}", __package__)
+        return module.run(args)
+    except MinibloomError as e:
+        print(f"minibloom: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The fused backend: the same calls as ops.Backend, answered by the kernels in minibloom.kernels.
+
+CPU: C/AVX-512 kernels (kernels/cpu); CUDA: Triton kernels (kernels/triton). Each kernel is tested against the
+reference it replaces (tests/kernels/), and whole models against transformers with backend="fused".
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+
+# bf16 decode matmuls with at most this many rows use the bandwidth-bound GEMV kernel; larger ones (prefill)
+# use oneDNN's GEMM, which is faster there (../kernels/MATMUL.md).
+GEMV_MAX_ROWS = 8
+
+
+def _modules(device: torch.device):
+    if device.type == "cuda":
+        from .kernels.triton import attention, int8
+        return attention, int8
+    from .kernels.cpu import attention, matmul
+    return attention, matmul
+
+
+def available(device: torch.device) -> tuple[bool, str]:
+    try:
+        attention, matmul = _modules(device)
+    except ImportError as e:
+        return False, f"kernel modules missing ({e})"
+    for mod in (attention, matmul):
+        ok, reason = mod.available()
+        if not ok:
+            return False, reason
+    return True, ""
+
+
+class FusedBackend(ops.Backend):
+    name = "fused"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.attn, self.mm = _modules(device)
+
+    def _attention_dtype_ok(self, q) -> bool:
+        if self.device.type == "cpu" and q.dtype not in (torch.float32, torch.bfloat16):
+            ops._say_once(f"the CPU attention kernels take float32 and bfloat16, not {q.dtype}: "
+                          f"that attention runs on the reference path")
+            return False
+        return True
+
+    def alibi_attention(self, q, k, v, key_pos, slopes, q_offset):
+        if not self._attention_dtype_ok(q):
+            return super().alibi_attention(q, k, v, key_pos, slopes, q_offset)
+        key_pos = key_pos.to(torch.int32)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        if q.shape[2] == 1:
+            return self.attn.attention_decode(q[:, :, 0], k, v, key_pos, scale=scale,
+                                              alibi_slopes=slopes)[:, :, None]
+        return self.attn.attention_prefill(q, k, v, key_pos, scale=scale, causal=True, q_offset=q_offset,
+                                           alibi_slopes=slopes)
+
+    def t5_attention(self, q, k, v, key_pos, bias, causal, q_offset):
+        if not self._attention_dtype_ok(q):
+            return super().t5_attention(q, k, v, key_pos, bias, causal, q_offset)
+        key_pos = key_pos.to(torch.int32)
+        t5 = {}
+        if bias is not None:
+            t5 = dict(t5_table=bias.table.float(), t5_bidirectional=bias.bidirectional,
+                      t5_max_distance=bias.max_distance)
+        if q.shape[2] == 1:
+            if bias is not None:
+                t5["t5_query_pos"] = torch.full((q.shape[0],), q_offset, dtype=torch.int32, device=q.device)
+            return self.attn.attention_decode(q[:, :, 0], k, v, key_pos, scale=1.0, **t5)[:, :, None]
+        return self.attn.attention_prefill(q, k, v, key_pos, scale=1.0, causal=causal, q_offset=q_offset, **t5)
+
+    def linear(self, x, layer):
+        w = layer.weight
+        if w.dtype == torch.int8:
+            return self.linear_int8(x, layer)
+        rows = x.numel() // x.shape[-1]
+        if self.device.type == "cpu" and w.dtype == torch.bfloat16 and rows <= GEMV_MAX_ROWS:
+            return self.mm.linear_bf16(x, w, layer.bias)
+        return F.linear(x, w, layer.bias)
