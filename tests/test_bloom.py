@@ -1,0 +1,129 @@
+"""BLOOM against transformers (the oracle), on random-weight checkpoints saved as the Hub stores them."""
+import pytest
+import torch
+
+import minibloom
+from minibloom import ops
+from minibloom.checkpoints import BLOOMZ_560M, TINY_BLOOM, bloom_checkpoint, hf_from_folder
+
+PROMPTS = ["Translate to English: Je t'aime.", "一个传奇的开端，一个不灭的神话",
+           "Suggest at least five related search terms to \"Mạng neural nhân tạo\".", "Hi"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return bloom_checkpoint(TINY_BLOOM, scale=3.0)  # larger weights: peakier softmax, sharper tests
+
+
+def both(folder, dtype):
+    lm = minibloom.load(folder, dtype=dtype, backend="reference")
+    return lm, hf_from_folder(folder, DTYPES[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_logits_bit_exact_left_padded_batch(tiny, dtype):
+    lm, hf = both(tiny, dtype)
+    ids, mask = lm.encode_batch(PROMPTS)
+    assert (mask[:, 0] == 0).any(), "the batch must contain left padding"
+    with torch.no_grad():
+        ours = lm.model(ids, mask)
+        theirs = hf(input_ids=ids, attention_mask=mask).logits
+    assert ours.dtype == theirs.dtype == DTYPES[dtype]
+    valid = mask.bool()
+    assert torch.equal(ours[valid], theirs[valid]), (ours[valid] - theirs[valid]).abs().max()
+
+
+@pytest.mark.parametrize("n_head", [6, 12, 112])
+def test_alibi_slopes_any_head_count(n_head):
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+    assert torch.equal(ops.alibi_slopes(n_head), _get_alibi_slopes(n_head, "cpu"))
+
+
+def test_alibi_slopes_112_heads_closed_form():
+    s = ops.alibi_slopes(112)
+    assert torch.allclose(s[:64], 2 ** (-(torch.arange(64) + 1) / 8), rtol=1e-6)
+    assert torch.allclose(s[64:], 2 ** (-(2 * torch.arange(48) + 1) / 16), rtol=1e-6)
+
+
+def test_non_power_of_two_heads_bit_exact():
+    folder = bloom_checkpoint(dict(vocab_size=640, hidden_size=96, n_layer=2, n_head=12), seed=1)
+    lm, hf = both(folder, "float32")
+    ids, mask = lm.encode_batch(PROMPTS[:2])
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids, mask)[mask.bool()], hf(input_ids=ids, attention_mask=mask).logits[mask.bool()])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_left_padded_row_equals_row_alone(tiny, dtype):
+    lm = minibloom.load(tiny, dtype=dtype, backend="reference")
+    ids, mask = lm.encode_batch(PROMPTS)
+    with torch.no_grad():
+        batch = lm.model(ids, mask)
+        for b, p in enumerate(PROMPTS):
+            alone_ids, _ = lm.encode_batch([p])
+            alone = lm.model(alone_ids)[0]
+            got = batch[b, mask[b].bool()]
+            if dtype == "float32":
+                torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
+            else:  # different batch shapes take different GEMM blockings: bf16 rounding differs slightly
+                assert (got.float() - alone.float()).abs().max() < 0.1
+                assert torch.equal(got.argmax(-1), alone.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cached_decoding_matches_full_forward_every_step(tiny, dtype):
+    lm = minibloom.load(tiny, dtype=dtype, backend="reference")
+    ids, mask = lm.encode_batch(PROMPTS[:3])
+    torch.manual_seed(0)
+    extra = torch.randint(4, 600, (3, 6))
+    with torch.no_grad():
+        logits, state = lm.model.start(ids, mask, max_new_tokens=6)
+        full_ids, full_mask = ids, mask
+        for t in range(6):
+            full = lm.model(full_ids, full_mask)[:, -1]
+            tol = 1e-5 if dtype == "float32" else 0.05
+            assert (logits.float() - full.float()).abs().max() <= tol, t
+            logits = lm.model.step(state, extra[:, t])
+            full_ids = torch.cat([full_ids, extra[:, t:t + 1]], 1)
+            full_mask = torch.cat([full_mask, torch.ones(3, 1, dtype=torch.long)], 1)
+
+
+def test_greedy_generation_matches_transformers_64_tokens(tiny):
+    lm, hf = both(tiny, "float32")
+    ids, mask = lm.encode_batch(PROMPTS)
+    ours = lm.generate_ids(ids, mask, max_new_tokens=64)
+    with torch.no_grad():
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=64, do_sample=False,
+                             eos_token_id=2, pad_token_id=3)[:, ids.shape[1]:]
+    assert torch.equal(ours, theirs)
+
+
+def test_greedy_with_repetition_penalty_matches_transformers(tiny):
+    lm, hf = both(tiny, "float32")
+    ids, mask = lm.encode_batch(PROMPTS[:2])
+    ours = lm.generate_ids(ids, mask, max_new_tokens=24, repetition_penalty=1.3)
+    with torch.no_grad():
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                             repetition_penalty=1.3, eos_token_id=2, pad_token_id=3)[:, ids.shape[1]:]
+    assert torch.equal(ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def bloomz_560m_shape():
+    return bloom_checkpoint(BLOOMZ_560M, dtype=torch.float16)
+
+
+def test_bloomz_560m_shape_parity(bloomz_560m_shape):
+    """The real configuration: hidden 1024, 24 layers, 16 heads, vocab 250880 (random weights, fp16 on disk)."""
+    lm, hf = both(bloomz_560m_shape, "float32")
+    assert lm.model.lm_head.weight is lm.model.word_embeddings.weight  # tied, as the Hub files imply
+    ids, mask = lm.encode_batch(PROMPTS[:2])
+    with torch.no_grad():
+        ours = lm.model(ids, mask)
+        theirs = hf(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert (ours[valid] - theirs[valid]).abs().max() <= 1e-4
+    del hf
+    ours = lm.generate_ids(ids, mask, max_new_tokens=8)
+    assert ours.shape == (2, 8)
