@@ -1,0 +1,189 @@
+"""Loading: key layouts, shards, config spellings, dtypes, memory mapping, and every error a user can cause."""
+import json
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import minibloom
+from minibloom import MinibloomError
+from minibloom.checkpoints import BLOOMZ_560M, TINY_BLOOM, bloom_checkpoint, hf_from_folder
+
+
+def logits(folder, dtype="float32"):
+    lm = minibloom.load(folder, dtype=dtype, backend="reference")
+    ids, mask = lm.encode_batch(["Translate to English: Je t'aime.", "Hi there"])
+    with torch.no_grad():
+        return lm.model(ids, mask)[mask.bool()]
+
+
+@pytest.fixture(scope="module")
+def reference_logits():
+    return logits(bloom_checkpoint(TINY_BLOOM))
+
+
+@pytest.mark.parametrize("variant", [
+    dict(layout="prefixed"), dict(shards=3), dict(shards=3, shard_style="underscore"),
+    dict(layout="prefixed", shards=2), dict(legacy_config=False)])
+def test_layouts_shards_and_config_names_load_the_same_model(reference_logits, variant):
+    assert torch.equal(logits(bloom_checkpoint(TINY_BLOOM, **variant)), reference_logits)
+
+
+def copy(folder, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_dtype_choices_and_checkpoint_default(tmp_path):
+    folder = bloom_checkpoint(TINY_BLOOM, dtype=torch.bfloat16)
+    assert minibloom.load(folder).dtype == torch.bfloat16            # config's torch_dtype
+    for name, dt in [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)]:
+        lm = minibloom.load(folder, dtype=name, backend="reference")
+        assert lm.model.h[0].self_attention.query_key_value.weight.dtype == dt
+    with pytest.raises(MinibloomError, match="unknown dtype"):
+        minibloom.load(folder, dtype="float8")
+
+
+def test_same_dtype_load_is_memory_mapped():
+    folder = bloom_checkpoint(TINY_BLOOM, dtype=torch.float16)
+    lm = minibloom.load(folder, dtype="float16", backend="reference")
+    w = lm.model.h[0].mlp.dense_h_to_4h.weight
+    # A view of the file mapping is not resizable storage owned by torch's allocator.
+    assert not w.untyped_storage().resizable()
+
+
+def test_untied_lm_head_is_used_and_equal_copy_is_tied(tmp_path):
+    src = bloom_checkpoint(TINY_BLOOM)
+    folder = copy(src, tmp_path)
+    sd = load_file(folder / "model.safetensors")
+    sd["lm_head.weight"] = sd["word_embeddings.weight"].clone()
+    save_file(sd, str(folder / "model.safetensors"))
+    lm = minibloom.load(folder, dtype="float32")
+    assert lm.model.lm_head.weight is lm.model.word_embeddings.weight
+    sd["lm_head.weight"] = sd["word_embeddings.weight"] + 0.01
+    save_file(sd, str(folder / "model.safetensors"))
+    lm = minibloom.load(folder, dtype="float32", backend="reference")
+    hf = hf_from_folder(folder)
+    ids, mask = lm.encode_batch(["Hello world"])
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids, mask), hf(input_ids=ids, attention_mask=mask).logits)
+
+
+def peak_rss_of_load(folder, dtype):
+    code = f"""
+import resource, torch, minibloom
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+lm = minibloom.load({str(folder)!r}, dtype={dtype!r}, backend="reference")
+print(base * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+def test_peak_rss_while_loading_in_checkpoint_dtype_under_1_3x_weights():
+    folder = bloom_checkpoint(BLOOMZ_560M, dtype=torch.float16)
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    base, peak = peak_rss_of_load(folder, "float16")
+    assert peak - base < 1.3 * weights, (peak - base) / weights
+
+
+def test_path_that_does_not_exist():
+    with pytest.raises(MinibloomError, match="does not exist"):
+        minibloom.load("./no/such/folder")
+
+
+def test_unknown_family_name_lists_known_ones():
+    with pytest.raises(MinibloomError, match="bloomz-560m"):
+        minibloom.load("bloomz-999m")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(MinibloomError, match="config.json"):
+        minibloom.load(tmp_path)
+
+
+def test_unsupported_model_type_lists_supported(tmp_path):
+    folder = copy(bloom_checkpoint(TINY_BLOOM), tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MinibloomError, match="'llama'.*bloom, mt5, t5"):
+        minibloom.load(folder)
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    folder = copy(bloom_checkpoint(TINY_BLOOM), tmp_path)
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(MinibloomError, match=r"model\.safetensors is truncated"):
+        minibloom.load(folder)
+
+
+def test_corrupt_header_names_the_file(tmp_path):
+    folder = copy(bloom_checkpoint(TINY_BLOOM), tmp_path)
+    path = folder / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:16] = b"garbage!"
+    path.write_bytes(bytes(data))
+    with pytest.raises(MinibloomError, match=r"model\.safetensors has a corrupt header"):
+        minibloom.load(folder)
+    path.write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(MinibloomError, match="corrupt or truncated"):
+        minibloom.load(folder)
+
+
+def test_missing_shard(tmp_path):
+    folder = copy(bloom_checkpoint(TINY_BLOOM, shards=3), tmp_path)
+    (folder / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(MinibloomError, match="missing shard.*model-00002-of-00003"):
+        minibloom.load(folder)
+
+
+def test_missing_unexpected_and_misshapen_tensors_name_key_file_and_shapes(tmp_path):
+    folder = copy(bloom_checkpoint(TINY_BLOOM), tmp_path)
+    path = folder / "model.safetensors"
+    sd = load_file(path)
+    missing = dict(sd)
+    del missing["h.1.mlp.dense_h_to_4h.bias"]
+    save_file(missing, str(path))
+    with pytest.raises(MinibloomError, match="missing tensor 'h.1.mlp.dense_h_to_4h.bias'"):
+        minibloom.load(folder)
+    save_file({**sd, "h.7.extra.weight": torch.zeros(3)}, str(path))
+    with pytest.raises(MinibloomError, match=r"unexpected tensor 'h.7.extra.weight'.*model\.safetensors"):
+        minibloom.load(folder)
+    save_file({**sd, "ln_f.weight": torch.zeros(65)}, str(path))
+    with pytest.raises(MinibloomError, match=r"'ln_f.weight' in model\.safetensors has shape \[65\].*\[64\]"):
+        minibloom.load(folder)
+
+
+def test_no_safetensors_file(tmp_path):
+    folder = copy(bloom_checkpoint(TINY_BLOOM), tmp_path)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(MinibloomError, match="no model.safetensors.*pytorch_model.bin"):
+        minibloom.load(folder)
+
+
+def test_missing_tokenizer(tmp_path):
+    folder = copy(bloom_checkpoint(TINY_BLOOM), tmp_path)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(MinibloomError, match="no tokenizer.json"):
+        minibloom.load(folder)
+
+
+def test_bad_device():
+    with pytest.raises(MinibloomError, match="device"):
+        minibloom.load(bloom_checkpoint(TINY_BLOOM), device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MinibloomError, match="no CUDA GPU"):
+            minibloom.load(bloom_checkpoint(TINY_BLOOM), device="cuda")
+
+
+def test_bad_backend():
+    with pytest.raises(MinibloomError, match="unknown backend"):
+        minibloom.load(bloom_checkpoint(TINY_BLOOM), backend="fast")
