@@ -1,0 +1,61 @@
+"""The `minibloom` command as a user runs it: help, generate from an argument or stdin, and clear errors."""
+import subprocess
+import sys
+
+import pytest
+
+from minibloom.checkpoints import TINY_BLOOM, bloom_checkpoint
+
+
+def run(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "minibloom", *args], capture_output=True, text=True, input=stdin)
+
+
+@pytest.fixture(scope="module")
+def folder():
+    return str(bloom_checkpoint(TINY_BLOOM))
+
+
+def test_help_explains_everything():
+    out = run("--help")
+    assert out.returncode == 0 and "generate" in out.stdout and "bench" in out.stdout
+    out = run("generate", "--help")
+    for flag in ("--model", "--dtype", "--max-new-tokens", "--do-sample", "--temperature", "--top-k", "--top-p",
+                 "--repetition-penalty", "--seed", "--stop", "--backend", "--quantize"):
+        assert flag in out.stdout
+
+
+def test_generate_streams_to_stdout_and_reports_on_stderr(folder):
+    out = run("generate", "--model", folder, "--max-new-tokens", "8", "Translate to English: Je t'aime.")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+    assert "loaded" in out.stderr and " s" in out.stderr
+
+
+def test_prompt_from_stdin_and_seeded_sampling(folder):
+    args = ("generate", "--model", folder, "--max-new-tokens", "8", "--do-sample", "--seed", "3")
+    a = run(*args, stdin="Why is the sky blue?")
+    b = run(*args, stdin="Why is the sky blue?")
+    assert a.returncode == 0 and a.stdout == b.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--model", "./missing-folder", "hi"), "does not exist"),
+    (("--max-new-tokens", "0", "hi"), "must be >= 1"),
+    (("--temperature", "-1", "hi"), "temperature"),
+    (("--top-p", "2", "hi"), "top_p"),
+    (("--dtype", "float8", "hi"), "invalid choice"),
+    (("   ",), "empty prompt"),
+])
+def test_bad_input_is_one_message_and_nonzero_exit(folder, args, message):
+    if "--model" not in args:
+        args = ("--model", folder) + args
+    out = run("generate", *args)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_no_prompt_and_no_stdin(folder):
+    out = run("generate", "--model", folder, stdin="")
+    assert out.returncode == 2 and "empty prompt" in out.stderr
