@@ -118,8 +118,7 @@ class Bloom(nn.Module):
     def __init__(self, cfg: BloomConfig):
         super().__init__()
         self.config = cfg
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device="meta")
-        self.word_embeddings.weight.requires_grad_(False)
+        self.word_embeddings = ops.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.word_embeddings_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.h = nn.ModuleList(BloomBlock(cfg) for _ in range(cfg.n_layer))
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
@@ -211,10 +210,10 @@ def ignored_key(key: str) -> bool:
 
 def tie(model: Bloom, ckpt):
     """Tie the head to the embedding when the checkpoint has no lm_head.weight, or stores an identical copy."""
-    head = model.lm_head.weight
-    if head.is_meta or (head.dtype == model.word_embeddings.weight.dtype
-                        and torch.equal(head, model.word_embeddings.weight)):
-        model.lm_head.weight = model.word_embeddings.weight
+    head, emb = model.lm_head, model.word_embeddings
+    if head.weight.is_meta or (head.weight.dtype == emb.weight.dtype and torch.equal(head.weight, emb.weight)):
+        head.weight = emb.weight
+        head.weight_scale, head.quant, head.threshold = emb.weight_scale, emb.quant, emb.threshold
 
 
 def build(config: dict) -> Bloom:

@@ -68,6 +68,9 @@ def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "
         module_name, _, attr = name.rpartition(".")
         net.get_submodule(module_name)._buffers[attr] = buf.to(dev)
     check_loaded(net)
+    for m in net.modules():
+        if isinstance(m, ops.Embedding):
+            m.dtype = dtype
     net.eval()
     be.attach(net)
     lm = LM(net, Tokenizer(folder, config), config, folder, dtype, dev)

@@ -174,6 +174,8 @@ class Linear(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, device="meta"), requires_grad=False)
         self.bias = (torch.nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False)
                      if bias else None)
+        self.register_buffer("weight_scale", None)   # (out,) fp32 once the weight is int8
+        self.quant, self.threshold = None, 6.0        # "int8" | "int8-weight", LLM.int8() outlier threshold
         self.backend: "Backend" = REFERENCE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +185,23 @@ class Linear(torch.nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
 
 
+class Embedding(torch.nn.Module):
+    """Token embedding (vocab, C). Stores float rows, or int8 rows with one scale per token after quantization."""
+
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(num_embeddings, dim, device="meta"), requires_grad=False)
+        self.register_buffer("weight_scale", None)   # (vocab,) fp32 once the rows are int8
+        self.quant, self.threshold = None, 6.0
+        self.dtype = None                             # the model's compute dtype, for dequantized rows
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight)
+        if self.weight_scale is None:
+            return rows
+        return (rows.float() * self.weight_scale[ids][..., None]).to(self.dtype)    # dequantize what was read
+
+
 # --- Backends -----------------------------------------------------------------------------------------------------
 
 class Backend:
@@ -190,7 +209,20 @@ class Backend:
     name = "reference"
 
     def linear(self, x, layer: Linear):
+        if layer.weight.dtype == torch.int8:
+            return self.linear_int8(x, layer)
         return F.linear(x, layer.weight, layer.bias)
+
+    def linear_int8(self, x, layer: Linear):
+        """LLM.int8() or weight-only int8 in plain PyTorch (minibloom/kernels/matmul_ref.py)."""
+        from .kernels import matmul_ref
+        if layer.quant == "int8":
+            y = matmul_ref.linear_w8a8_ref(x.reshape(-1, x.shape[-1]), layer.weight, layer.weight_scale,
+                                           layer.bias, layer.threshold)
+        else:
+            y = matmul_ref.linear_int8_weight_ref(x.reshape(-1, x.shape[-1]), layer.weight, layer.weight_scale,
+                                                  layer.bias)
+        return y.reshape(*x.shape[:-1], -1)
 
     def alibi_attention(self, q, k, v, key_pos, slopes, q_offset):
         return alibi_attention_ref(q, k, v, key_pos, slopes, q_offset)

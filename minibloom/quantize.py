@@ -1,0 +1,47 @@
+"""int8 quantization on load: LLM.int8() (arXiv 2208.07339) and weight-only int8.
+
+Each Linear weight (out, in) becomes int8 with one fp32 scale per output row (absmax / 127) as it is read from the
+safetensors file: the file's tensor is read into fresh memory, quantized and dropped, one tensor at a time, so the
+full-precision model never exists in memory.
+
+  quantize="int8"         W8A8: activations are quantized per token (row absmax) at run time, int8 x int8 products
+                          accumulate in int32; activation columns whose magnitude exceeds `threshold` (6.0) are
+                          "outlier features" and are multiplied in float with the dequantized weight columns.
+  quantize="int8-weight"  int8 weights, float activations: the most accurate int8 mode.
+
+The embedding is stored in int8 too (one scale per token row); a lookup dequantizes the rows it reads. BLOOM's
+output head is tied to that embedding (46% of bloomz-560m's weights), so the head reuses the same int8 rows and
+scales and runs through the same W8A8 path as every other Linear: one copy of the matrix, read at int8 width on
+every decoded token. Its input is the final LayerNorm output, whose rare large features take the outlier path.
+The semantics are written out in plain PyTorch in minibloom/kernels/matmul_ref.py; kernels are tested against it.
+"""
+import torch
+
+from . import ops
+from .errors import MinibloomError
+
+MODES = ("int8", "int8-weight")
+
+
+class Quantizer:
+    """Passed to loader.load_tensors: stores int8 weights for Linear and Embedding modules."""
+
+    def __init__(self, mode: str, threshold: float, device: torch.device):
+        if mode not in MODES:
+            raise MinibloomError(f"unknown quantize={mode!r}: use one of {', '.join(MODES)}")
+        if not threshold >= 0:
+            raise MinibloomError(f"invalid int8 threshold {threshold!r}: must be >= 0 (0 disables outliers)")
+        self.mode, self.threshold, self.device = mode, float(threshold), device
+
+    def __call__(self, module, attr: str, ckpt, key: str) -> bool:
+        if attr != "weight" or not isinstance(module, (ops.Linear, ops.Embedding)):
+            return False
+        if getattr(module, "keep_float", False):
+            return False
+        from .kernels.matmul_ref import quantize_rows_ref
+        wq, scale = quantize_rows_ref(ckpt.raw(key).float())     # one tensor in memory at a time
+        module._parameters["weight"] = torch.nn.Parameter(wq.to(self.device), requires_grad=False)
+        module._buffers["weight_scale"] = scale.to(self.device)
+        module.quant = self.mode
+        module.threshold = self.threshold
+        return True
