@@ -47,7 +47,8 @@ def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "
     t0 = time.perf_counter()
     dev = parse_device(device)
     want_dtype = parse_dtype(dtype)
-    be = ops.get_backend(backend, dev)
+    if backend not in ops.BACKENDS:
+        raise MinibloomError(f"unknown backend {backend!r}: use one of {', '.join(ops.BACKENDS)}")
     folder = resolve(model)
     config = read_config(folder)
     model_type = config.get("model_type")
@@ -56,6 +57,7 @@ def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "
                              f"supported model types are {', '.join(sorted(ARCHITECTURES))}")
     arch = importlib.import_module(f".{ARCHITECTURES[model_type]}", __package__)
     ckpt = Checkpoint(folder)
+    be = ops.get_backend(backend, dev)
     dtype = want_dtype or _config_dtype(config) or ckpt.float_dtype()
     net = arch.build(config)
     quantizer = None
