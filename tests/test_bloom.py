@@ -127,3 +127,26 @@ def test_bloomz_560m_shape_parity(bloomz_560m_shape):
     del hf
     ours = lm.generate_ids(ids, mask, max_new_tokens=8)
     assert ours.shape == (2, 8)
+
+
+def test_trace_returns_named_intermediates_and_costs_nothing_after(tiny):
+    lm = minibloom.load(tiny, dtype="float32", backend="reference")
+    taps = lm.trace("Translate to English: Je t'aime.")
+    assert list(taps)[:2] == ["embeddings", "h.0"] and "ln_f" in taps and "logits" in taps
+    assert len([k for k in taps if k.startswith("h.")]) == lm.model.config.n_layer
+    assert lm.model.taps is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_recipe_half_precision_close_to_transformers(tiny, dtype):
+    """The model cards' GPU recipe: fp16/bf16 on one GPU. GPU kernels differ from CPU: not bit-exact."""
+    lm = minibloom.load(tiny, dtype=dtype, device="cuda", backend="reference")
+    hf = hf_from_folder(tiny, DTYPES[dtype]).cuda()
+    ids, mask = lm.encode_batch(PROMPTS)
+    with torch.no_grad():
+        ours = lm.model(ids, mask)
+        theirs = hf(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert (ours[valid].float() - theirs[valid].float()).abs().max() < (0.1 if dtype == "bfloat16" else 0.03)
+    assert lm.generate(PROMPTS, max_new_tokens=8)
