@@ -72,3 +72,13 @@ def test_cli_generate_from_the_hub_cache(hub_cache):
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert "loaded" in out.stderr and "models--bigscience--bloomz-560m" in out.stderr
+
+
+def test_no_network_and_nothing_cached_is_one_clear_error(tmp_path):
+    """Online mode, but the Hub is unreachable (a closed port on loopback) and the cache is empty."""
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "empty"), HF_HUB_OFFLINE="0",
+               HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")
+    out = subprocess.run([sys.executable, "-m", "minibloom", "generate", "--model", "bloomz-560m", "hi"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2
+    assert "could not download bigscience/bloomz-560m" in out.stderr and "Traceback" not in out.stderr
