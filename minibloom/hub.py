@@ -66,9 +66,15 @@ def _snapshot(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS))
     except Exception as e:
-        raise MinibloomError(
-            f"could not download {repo_id} from the Hugging Face Hub ({type(e).__name__}: {e}). "
-            f"Check the repo id and the network, or pass a local folder") from e
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+        if isinstance(e, GatedRepoError):
+            why = "the repo is gated: accept its license on the Hub and log in with `hf auth login`"
+        elif isinstance(e, RepositoryNotFoundError):
+            why = "no such repo on the Hub (or it is private): check the repo id"
+        else:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            why = f"the Hub is unreachable or the download failed ({first.removeprefix('Got: ')}): check the network"
+        raise MinibloomError(f"could not download {repo_id}: {why}, or pass a local folder") from e
 
 
 def _offline() -> bool:
