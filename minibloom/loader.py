@@ -97,15 +97,19 @@ class SafetensorsFile:
         flat = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=self.data_start + begin)
         return flat.view(dtype).view(shape)
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor read into fresh memory with plain file reads (the file's pages are not kept mapped)."""
+    def read(self, name: str, rows: slice = slice(None)) -> torch.Tensor:
+        """The tensor (or a range of its rows) read into fresh memory with plain file reads: the file's pages
+        are not kept mapped, so converting or quantizing never holds two full copies."""
         dtype, shape, begin, end = self.entries[name]
-        out = torch.empty(end - begin, dtype=torch.uint8)
+        start, stop, _ = rows.indices(shape[0] if shape else 1)
+        row_bytes = (end - begin) // max(shape[0], 1) if shape else end - begin
+        nbytes = (stop - start) * row_bytes
+        out = torch.empty(nbytes, dtype=torch.uint8)
         with open(self.path, "rb", buffering=0) as f:
-            f.seek(self.data_start + begin)
-            if f.readinto(out.numpy()) != end - begin:
+            f.seek(self.data_start + begin + start * row_bytes)
+            if f.readinto(out.numpy()) != nbytes:
                 raise MinibloomError(f"{self.path} is truncated while reading {name!r}: re-download it")
-        return out.view(dtype).view(shape)
+        return out.view(dtype).view((stop - start, *shape[1:]) if shape else shape)
 
 
 class Checkpoint:
@@ -162,9 +166,9 @@ class Checkpoint:
             return file.view(key)
         return file.read(key).to(dtype)
 
-    def raw(self, key: str) -> torch.Tensor:
-        """The tensor in its own dtype, in fresh memory (for quantizing without keeping the file mapped)."""
-        return self.where[key].read(key)
+    def rows(self, key: str, rows: slice) -> torch.Tensor:
+        """Rows of a tensor in its own dtype, in fresh memory (for quantizing a chunk at a time)."""
+        return self.where[key].read(key, rows)
 
     def float_dtype(self) -> torch.dtype:
         """The dtype most floating-point tensors are stored in."""

@@ -21,6 +21,7 @@ from . import ops
 from .errors import MinibloomError
 
 MODES = ("int8", "int8-weight")
+CHUNK_ROWS = 1024
 
 
 class Quantizer:
@@ -39,9 +40,15 @@ class Quantizer:
         if getattr(module, "keep_float", False):
             return False
         from .kernels.matmul_ref import quantize_rows_ref
-        wq, scale = quantize_rows_ref(ckpt.raw(key).float())     # one tensor in memory at a time
-        module._parameters["weight"] = torch.nn.Parameter(wq.to(self.device), requires_grad=False)
-        module._buffers["weight_scale"] = scale.to(self.device)
+        N, K = ckpt.shape(key)
+        wq = torch.empty(N, K, dtype=torch.int8, device=self.device)
+        scale = torch.empty(N, dtype=torch.float32, device=self.device)
+        for start in range(0, N, CHUNK_ROWS):  # a few MB of float rows in memory at a time
+            rows = slice(start, min(start + CHUNK_ROWS, N))
+            q, s = quantize_rows_ref(ckpt.rows(key, rows).float())
+            wq[rows], scale[rows] = q.to(self.device), s.to(self.device)
+        module._parameters["weight"] = torch.nn.Parameter(wq, requires_grad=False)
+        module._buffers["weight_scale"] = scale
         module.quant = self.mode
         module.threshold = self.threshold
         return True
