@@ -165,3 +165,103 @@ def hf_from_folder(folder: Path, dtype=torch.float32):
     cfg = json.loads((Path(folder) / "config.json").read_text())
     cls = AutoModelForSeq2SeqLM if cfg["model_type"] in ("t5", "mt5") else AutoModelForCausalLM
     return cls.from_pretrained(folder, dtype=dtype, attn_implementation="eager").eval()
+
+
+# -- T5 family: mT5 / mT0, T5 v1.1 / Flan-T5, original T5 ------------------------------------------------------------
+
+# The same architecture in several shapes. inner = num_heads * d_kv differs from d_model in TINY_MT5 and MT0_SMALL,
+# as in mt0-small; TINY_MT5 also has more decoder than encoder blocks.
+TINY_MT5 = dict(model_type="mt5", vocab_size=1024, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=3,
+                num_heads=6, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+TINY_T5_V11 = dict(TINY_MT5, model_type="t5", num_decoder_layers=2)                  # T5 v1.1 / Flan-T5: untied
+TINY_T5 = dict(model_type="t5", vocab_size=1024, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+               feed_forward_proj="relu", tie_word_embeddings=True)                   # T5 v1.0: ReLU, tied + rescale
+MT0_SMALL = dict(model_type="mt5", vocab_size=250112, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6,
+                 feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+MT0_BASE = dict(MT0_SMALL, d_model=768, d_ff=2048, num_layers=12, num_heads=12)
+
+
+def hf_mt5(shape: dict, seed: int = 0, scale: float = 1.0):
+    """A transformers MT5/T5ForConditionalGeneration with random weights (linear weights * scale, RMSNorm weights
+    perturbed, a relative bias of std 1 so that the buckets matter). An untied shape gets its own lm_head.weight:
+    transformers 5 ties every freshly built MT5, so we untie by construction."""
+    from transformers import MT5Config, MT5ForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    shape = dict(shape)
+    model_type, tied = shape.pop("model_type"), shape.pop("tie_word_embeddings")
+    config_cls, model_cls = ((MT5Config, MT5ForConditionalGeneration) if model_type == "mt5"
+                             else (T5Config, T5ForConditionalGeneration))
+    torch.manual_seed(seed)
+    cfg = config_cls(**shape, tie_word_embeddings=tied, decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "relative_attention_bias" in name:
+                p.normal_(0, 1.0)
+            elif name != "shared.weight":
+                p.mul_(scale)
+        if not tied:
+            model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * scale)
+    return model
+
+
+def save_t5(model, folder: Path, *, shards: int = 1, dtype=torch.float32, embed_copies: bool = False,
+            shard_style: str = "dash"):
+    """Save as on the Hub: shared.weight, encoder.*, decoder.*, and lm_head.weight when the head is untied (mT5).
+    embed_copies: also store encoder/decoder.embed_tokens.weight as separate copies, as some checkpoints do."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shared = model.shared.weight
+    tied = model.lm_head.weight is shared
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.endswith("embed_tokens.weight") and not embed_copies or k == "lm_head.weight" and tied:
+            continue
+        sd[k] = v.detach().to(dtype).clone().contiguous()
+    _save_safetensors(sd, folder, shards, shard_style)
+    cfg = {k: v for k, v in model.config.to_dict().items()
+           if k not in ("transformers_version", "dtype", "scale_decoder_outputs", "dense_act_fn", "is_gated_act")}
+    cfg["architectures"] = [type(model).__name__]
+    cfg["tie_word_embeddings"] = tied   # what the Hub configs say (transformers 5 rewrites it to True)
+    cfg["torch_dtype"] = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def t5_tokenizer_json(vocab_size: int = 700, extra_ids: int = 100) -> dict:
+    """A Unigram tokenizer with mt0's tokenizer.json pipeline: collapse runs of spaces, Metaspace, append </s>.
+    <pad>=0, </s>=1, <unk>=2; the sentinels <extra_id_99> .. <extra_id_0> are the last (ordinary) pieces, as in mT5
+    (<extra_id_0> has the highest id)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    data = json.loads(tok.to_str())
+    data["model"]["vocab"] += [[f"<extra_id_{i}>", 0.0] for i in reversed(range(extra_ids))]
+    return data
+
+
+def write_t5_tokenizer(folder: Path, vocab_size: int = 700):
+    (folder / "tokenizer.json").write_text(json.dumps(t5_tokenizer_json(vocab_size), ensure_ascii=False))
+    special = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "T5Tokenizer", "extra_ids": 0, "additional_special_tokens": None, **special}))
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+
+
+def mt5_checkpoint(shape: dict = TINY_MT5, *, shards=1, dtype=torch.float32, seed=0, scale=1.0,
+                   embed_copies=False, shard_style="dash") -> Path:
+    key = ("t5", shape, shards, str(dtype), seed, scale, embed_copies, shard_style, 1)
+
+    def build(folder):
+        save_t5(hf_mt5(shape, seed, scale), folder, shards=shards, dtype=dtype, embed_copies=embed_copies,
+                shard_style=shard_style)
+        write_t5_tokenizer(folder)
+    return _cached("t5", key, build)
