@@ -170,10 +170,10 @@ def hf_from_folder(folder: Path, dtype=torch.float32):
 # -- T5 family: mT5 / mT0, T5 v1.1 / Flan-T5, original T5 ------------------------------------------------------------
 
 # The same architecture in several shapes. inner = num_heads * d_kv differs from d_model in TINY_MT5 and MT0_SMALL,
-# as in mt0-small; TINY_MT5 also has more decoder than encoder blocks.
-TINY_MT5 = dict(model_type="mt5", vocab_size=1024, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=3,
+# as in mt0-small.
+TINY_MT5 = dict(model_type="mt5", vocab_size=1024, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=2,
                 num_heads=6, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-TINY_T5_V11 = dict(TINY_MT5, model_type="t5", num_decoder_layers=2)                  # T5 v1.1 / Flan-T5: untied
+TINY_T5_V11 = dict(TINY_MT5, model_type="t5")                # T5 v1.1 / Flan-T5: untied
 TINY_T5 = dict(model_type="t5", vocab_size=1024, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                feed_forward_proj="relu", tie_word_embeddings=True)                   # T5 v1.0: ReLU, tied + rescale
 MT0_SMALL = dict(model_type="mt5", vocab_size=250112, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6,
