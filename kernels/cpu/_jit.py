@@ -13,9 +13,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 _cache: dict = {}
 
 
-def load_extension(name: str, sources: list[str]) -> tuple[bool, str]:
+def load_extension(name: str, sources: list[str], extra_cflags: list[str] | None = None) -> tuple[bool, str]:
     """Build (once per process) and load an extension registering torch.ops.<name>.*.
 
+    extra_cflags are added to the common flags (e.g. -ffp-contract=fast for code that relies on FMA contraction).
     Returns (ok, reason). Never raises: the caller decides whether a failure is fatal.
     """
     if name in _cache:
@@ -25,6 +26,8 @@ def load_extension(name: str, sources: list[str]) -> tuple[bool, str]:
         reason = f"CPU kernels need x86-64, this machine is {platform.machine()}"
     elif shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
         reason = "no C/C++ compiler found (install gcc/g++)"
+    elif missing := [s for s in sources if not os.path.isfile(os.path.join(HERE, s))]:
+        reason = f"kernel sources missing: {', '.join(missing)} (is the package installed completely?)"
     elif shutil.which("ninja") is None:
         reason = "ninja is missing (pip install ninja)"
     else:
@@ -34,7 +37,7 @@ def load_extension(name: str, sources: list[str]) -> tuple[bool, str]:
             load(
                 name=name,
                 sources=[os.path.join(HERE, s) for s in sources],
-                extra_cflags=["-O3", "-fopenmp", "-std=c++17"],
+                extra_cflags=["-O3", "-fopenmp", "-std=c++17", *(extra_cflags or [])],
                 extra_ldflags=["-fopenmp"],
                 is_python_module=False,
                 verbose=False,

@@ -1,0 +1,611 @@
+// CPU fused attention: decode (one query vs a KV cache) and flash-style prefill.
+//
+// The exact semantics are the plain-PyTorch references in kernels/attention_ref.py:
+//   s_j = scale * (q . k_j) + bias_j        bias: ALiBi slope[h]*key_pos[b,j], a T5 bucket bias, or a bias row
+//   p   = softmax_j(s),  masked keys (key_pos == -1, causal j > t + q_offset) get p = 0
+//   out = sum_j p_j v_j                     a query whose keys are all masked returns 0
+// Both kernels use the online softmax of flash attention: keys are visited in blocks of KB = 64, each query
+// row keeps a running max m, a running sum l = sum exp(s - m) and an unnormalised output O; a new block with
+// a larger max rescales l and O by exp(m_old - m_new). No (B, H, T, S) tensor is ever materialised.
+//
+// Plain C++ on raw pointers (no torch headers); attention_op.cpp wraps these as torch ops. The flash loops are
+// written once on four block primitives (dots, qk tile, softmax update, p.V update). The primitives exist as
+// plain scalar loops and as one SIMD template instantiated for AVX2+FMA and AVX-512 with per-function target
+// attributes; the best set the CPU supports is picked at run time, so the .so is built without -march and
+// runs on any x86-64.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector types cross no ABI boundary: every template is inlined
+
+namespace {
+
+constexpr int KB = 64;   // keys per block
+constexpr int BQ = 32;   // prefill query rows per work item
+constexpr int MR = 4;    // query rows per register tile
+constexpr float NEG_INF = -INFINITY;
+
+// SIMD levels: 0 scalar, 1 AVX2+FMA, 2 AVX-512 (F, BW, VL, DQ).
+int g_simd_cap = 2;  // highest level allowed (mbattn_simd_level; 0 forces the scalar code)
+
+int cpu_simd_level() {
+  static const int level = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+                               ? 2
+                               : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1 : 0;
+  return level;
+}
+int simd_level() { return std::min(g_simd_cap, cpu_simd_level()); }
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, like torch's float -> bfloat16 cast.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+inline float load_elem(const void* p, bool bf16, int64_t i) {
+  return bf16 ? bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+
+inline const void* offset(const void* p, bool bf16, int64_t elems) {
+  return (const char*)p + elems * (bf16 ? 2 : 4);
+}
+
+// T5 relative-position bucket, exactly as transformers' _relative_position_bucket (fp32 log, trunc).
+int t5_bucket(int64_t rel, bool bidirectional, int num_buckets, int max_distance) {
+  int nb = num_buckets, bucket = 0;
+  if (bidirectional) {
+    nb /= 2;
+    if (rel > 0) bucket = nb;
+    rel = rel < 0 ? -rel : rel;
+  } else {
+    rel = rel < 0 ? -rel : 0;
+  }
+  const int max_exact = nb / 2;
+  if (rel < max_exact) return bucket + (int)rel;
+  const float denom = (float)std::log((double)max_distance / (double)max_exact);
+  const float lg = std::log((float)rel / (float)max_exact);
+  const int large = max_exact + (int)(lg / denom * (float)(nb - max_exact));
+  return bucket + std::min(large, nb - 1);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Block primitives. Shapes: KB keys per block, rows of a score tile are KB floats apart.
+//   dots(q, k, ks, n, D, bf16, s)              s[j] = q . k[j*ks : j*ks + D]           j < n
+//   qk(Q, KT, rows, D, S)                      S[r][c] = sum_d Q[r][d] KT[d][c]         Q (rows, D), KT (D, KB)
+//   softmax(S, rows, scale, keybias, rowbias, limit, m, l, corr)
+//       x = S*scale + keybias[c] + rowbias[r][c], x = -inf for c >= limit[r]
+//       m_new = max(m, max_c x); corr = exp(m - m_new); l = l*corr + sum_c exp(x - m_new); S <- exp(x - m_new)
+//   pv(O, P, corr, v, vs, rows, n, D, bf16)    O[r] = O[r]*corr[r] + sum_{j<n} P[r][j] v[j*vs : j*vs + D]
+
+struct Ops {
+  void (*dots)(const float*, const void*, int64_t, int, int, bool, float*);
+  void (*qk)(const float*, const float*, int, int, float*);
+  void (*softmax)(float*, int, float, const float*, const float* const*, const int*, float*, float*, float*);
+  void (*pv)(float*, const float*, const float*, const void*, int64_t, int, int, int, bool);
+};
+
+// ---- scalar ----
+
+void dots_scalar(const float* q, const void* k, int64_t ks, int n, int D, bool bf16, float* s) {
+  for (int j = 0; j < n; j++) {
+    const void* kj = offset(k, bf16, j * ks);
+    float acc = 0.f;
+    for (int d = 0; d < D; d++) acc += q[d] * load_elem(kj, bf16, d);
+    s[j] = acc;
+  }
+}
+
+void qk_scalar(const float* Q, const float* KT, int rows, int D, float* S) {
+  for (int r = 0; r < rows; r++)
+    for (int c = 0; c < KB; c++) {
+      float acc = 0.f;
+      for (int d = 0; d < D; d++) acc += Q[r * D + d] * KT[d * KB + c];
+      S[r * KB + c] = acc;
+    }
+}
+
+void softmax_scalar(float* S, int rows, float scale, const float* keybias, const float* const* rowbias,
+                    const int* limit, float* m, float* l, float* corr) {
+  for (int r = 0; r < rows; r++) {
+    float* x = S + r * KB;
+    float mx = NEG_INF;
+    for (int c = 0; c < KB; c++) {
+      x[c] = c < limit[r] ? x[c] * scale + keybias[c] + (rowbias ? rowbias[r][c] : 0.f) : NEG_INF;
+      mx = std::max(mx, x[c]);
+    }
+    const float m_new = std::max(m[r], mx);
+    if (m_new == NEG_INF) {  // nothing visible yet: keep the state, contribute nothing
+      corr[r] = 1.f;
+      for (int c = 0; c < KB; c++) x[c] = 0.f;
+      continue;
+    }
+    corr[r] = std::exp(m[r] - m_new);
+    float sum = 0.f;
+    for (int c = 0; c < KB; c++) {
+      x[c] = x[c] == NEG_INF ? 0.f : std::exp(x[c] - m_new);
+      sum += x[c];
+    }
+    l[r] = l[r] * corr[r] + sum;
+    m[r] = m_new;
+  }
+}
+
+void pv_scalar(float* O, const float* P, const float* corr, const void* v, int64_t vs, int rows, int n, int D,
+               bool bf16) {
+  for (int r = 0; r < rows; r++) {
+    float* o = O + r * D;
+    for (int d = 0; d < D; d++) o[d] *= corr[r];
+    for (int j = 0; j < n; j++) {
+      const float p = P[r * KB + j];
+      if (p == 0.f) continue;
+      const void* vj = offset(v, bf16, j * vs);
+      for (int d = 0; d < D; d++) o[d] += p * load_elem(vj, bf16, d);
+    }
+  }
+}
+
+// ---- SIMD: written once on GCC vector types of W floats, compiled for AVX2 (W = 8) and AVX-512 (W = 16) ----
+// The generic templates carry no target attribute; each entry point below carries one plus `flatten`, so the
+// template is inlined there and its vector arithmetic becomes ymm or zmm code (FMAs via -ffp-contract=fast).
+
+template <int W>
+struct Vec {
+  typedef float f __attribute__((vector_size(4 * W)));
+  typedef int32_t i __attribute__((vector_size(4 * W)));
+  typedef uint16_t h __attribute__((vector_size(2 * W)));
+  typedef uint32_t u __attribute__((vector_size(4 * W)));
+};
+
+template <int W>
+inline typename Vec<W>::f splat(float x) {
+  typename Vec<W>::f v;
+  for (int i = 0; i < W; i++) v[i] = x;
+  return v;
+}
+
+template <int W>
+inline typename Vec<W>::f loadf(const float* p) {
+  typename Vec<W>::f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <int W>
+inline void storef(float* p, typename Vec<W>::f v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// W elements of fp32 or bf16 -> fp32. bf16 -> fp32 is exact: the bf16 bits are the high half of the fp32.
+template <int W>
+inline typename Vec<W>::f load(const void* p, bool bf16) {
+  if (!bf16) return loadf<W>((const float*)p);
+  typename Vec<W>::h h;
+  std::memcpy(&h, p, sizeof h);
+  const typename Vec<W>::u u = __builtin_convertvector(h, typename Vec<W>::u) << 16;
+  typename Vec<W>::f f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Horizontal sum / max as a tree of halves (log2 W steps).
+template <int W>
+inline float hsum(typename Vec<W>::f v) {
+  if constexpr (W == 4) {
+    return (v[0] + v[2]) + (v[1] + v[3]);
+  } else {
+    typename Vec<W / 2>::f lo, hi;
+    std::memcpy(&lo, &v, sizeof lo);
+    std::memcpy(&hi, (const char*)&v + sizeof lo, sizeof hi);
+    return hsum<W / 2>(lo + hi);
+  }
+}
+
+template <int W>
+inline float hmax(typename Vec<W>::f v) {
+  if constexpr (W == 4) {
+    return std::max(std::max(v[0], v[2]), std::max(v[1], v[3]));
+  } else {
+    typename Vec<W / 2>::f lo, hi;
+    std::memcpy(&lo, &v, sizeof lo);
+    std::memcpy(&hi, (const char*)&v + sizeof lo, sizeof hi);
+    return hmax<W / 2>(lo > hi ? lo : hi);
+  }
+}
+
+// exp(x): Cephes expf. n = round(x / ln2), exp(r) for |r| <= ln2/2 by a degree-6 polynomial, times 2^n built
+// in the exponent bits. About 1 ulp for x in [-87.3, 88.7]; smaller x is clamped (callers zero masked keys).
+template <int W>
+inline typename Vec<W>::f expv(typename Vec<W>::f x) {
+  typedef typename Vec<W>::f F;
+  x = x < splat<W>(-87.3f) ? splat<W>(-87.3f) : x;
+  x = x > splat<W>(88.7f) ? splat<W>(88.7f) : x;
+  const F magic = splat<W>(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const F n = (x * 1.44269504f + magic) - magic;
+  F r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  F p = splat<W>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + (r + 1.f);
+  const typename Vec<W>::i e = (__builtin_convertvector(n, typename Vec<W>::i) + 127) << 23;
+  F pow2n;
+  std::memcpy(&pow2n, &e, sizeof pow2n);
+  return p * pow2n;
+}
+
+template <int W>
+inline void dots_simd(const float* q, const void* k, int64_t ks, int n, int D, bool bf16, float* s) {
+  typedef typename Vec<W>::f F;
+  const int Dv = D / W * W;
+  for (int j = 0; j < n; j++) {
+    const void* kj = offset(k, bf16, j * ks);
+    F a0 = splat<W>(0.f), a1 = splat<W>(0.f);
+    int d = 0;
+    for (; d + 2 * W <= Dv; d += 2 * W) {  // two independent FMA chains
+      a0 += loadf<W>(q + d) * load<W>(offset(kj, bf16, d), bf16);
+      a1 += loadf<W>(q + d + W) * load<W>(offset(kj, bf16, d + W), bf16);
+    }
+    if (d < Dv) a0 += loadf<W>(q + d) * load<W>(offset(kj, bf16, d), bf16);
+    float acc = hsum<W>(a0 + a1);
+    for (d = Dv; d < D; d++) acc += q[d] * load_elem(kj, bf16, d);
+    s[j] = acc;
+  }
+}
+
+// S tile: MR rows x (NCV * W) columns per register tile; for each d, broadcast Q[r][d] times a row of K^T.
+// NCV = 4 with AVX-512 (16 zmm accumulators of 32), 2 with AVX2 (8 ymm of 16).
+template <int W>
+inline void qk_simd(const float* Q, const float* KT, int rows, int D, float* S) {
+  typedef typename Vec<W>::f F;
+  constexpr int NCV = W == 16 ? 4 : 2;
+  for (int r0 = 0; r0 < rows; r0 += MR)
+    for (int c0 = 0; c0 < KB; c0 += NCV * W) {
+      F acc[MR][NCV];
+      for (int r = 0; r < MR; r++)
+        for (int c = 0; c < NCV; c++) acc[r][c] = splat<W>(0.f);
+      const float* q = Q + r0 * D;
+      for (int d = 0; d < D; d++) {
+        F kv[NCV];
+        for (int c = 0; c < NCV; c++) kv[c] = loadf<W>(KT + d * KB + c0 + c * W);
+        for (int r = 0; r < MR; r++) {
+          const F qb = splat<W>(q[r * D + d]);
+          for (int c = 0; c < NCV; c++) acc[r][c] += qb * kv[c];
+        }
+      }
+      for (int r = 0; r < MR; r++)
+        for (int c = 0; c < NCV; c++) storef<W>(S + (r0 + r) * KB + c0 + c * W, acc[r][c]);
+    }
+}
+
+template <int W>
+inline void softmax_simd(float* S, int rows, float scale, const float* keybias, const float* const* rowbias,
+                         const int* limit, float* m, float* l, float* corr) {
+  typedef typename Vec<W>::f F;
+  typedef typename Vec<W>::i I;
+  constexpr int NV = KB / W;
+  const F ninf = splat<W>(NEG_INF);
+  I lane;
+  for (int i = 0; i < W; i++) lane[i] = i;
+  for (int r = 0; r < rows; r++) {
+    float* x = S + r * KB;
+    F xv[NV];
+    F mx = ninf;
+    for (int c = 0; c < NV; c++) {
+      F t = loadf<W>(x + c * W) * scale + loadf<W>(keybias + c * W);
+      if (rowbias) t += loadf<W>(rowbias[r] + c * W);
+      xv[c] = lane + c * W < limit[r] ? t : ninf;  // causal limit: columns >= limit are invisible
+      mx = xv[c] > mx ? xv[c] : mx;
+    }
+    const float m_new = std::max(m[r], hmax<W>(mx));
+    if (m_new == NEG_INF) {  // nothing visible yet: keep the state, contribute nothing
+      corr[r] = 1.f;
+      for (int c = 0; c < NV; c++) storef<W>(x + c * W, splat<W>(0.f));
+      continue;
+    }
+    corr[r] = std::exp(m[r] - m_new);
+    F sum = splat<W>(0.f);
+    for (int c = 0; c < NV; c++) {
+      const F p = xv[c] == ninf ? splat<W>(0.f) : expv<W>(xv[c] - m_new);
+      storef<W>(x + c * W, p);
+      sum += p;
+    }
+    l[r] = l[r] * corr[r] + hsum<W>(sum);
+    m[r] = m_new;
+  }
+}
+
+// R rows x NV vectors of output columns [d0, d0 + NV*W): O = O*corr + P @ V.
+template <int W, int R, int NV>
+inline void pv_tile(float* O, const float* P, const float* corr, const void* v, int64_t vs, int n, int D, int d0,
+                    bool bf16) {
+  typedef typename Vec<W>::f F;
+  F acc[R][NV];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < NV; c++) acc[r][c] = loadf<W>(O + r * D + d0 + c * W) * corr[r];
+  for (int j = 0; j < n; j++) {
+    const void* vj = offset(v, bf16, j * vs + d0);
+    F vv[NV];
+    for (int c = 0; c < NV; c++) vv[c] = load<W>(offset(vj, bf16, c * W), bf16);
+    for (int r = 0; r < R; r++) {
+      const F pb = splat<W>(P[r * KB + j]);
+      for (int c = 0; c < NV; c++) acc[r][c] += pb * vv[c];
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < NV; c++) storef<W>(O + r * D + d0 + c * W, acc[r][c]);
+}
+
+// Full vectors in chunks of up to NVMAX (4 zmm / 2 ymm), the last D % W columns by the scalar code.
+template <int W, int R>
+inline void pv_rows(float* O, const float* P, const float* corr, const void* v, int64_t vs, int n, int D,
+                    bool bf16) {
+  constexpr int NVMAX = W == 16 ? 4 : 2;
+  const int Dv = D / W * W;
+  int d0 = 0;
+  for (; d0 + NVMAX * W <= Dv; d0 += NVMAX * W) pv_tile<W, R, NVMAX>(O, P, corr, v, vs, n, D, d0, bf16);
+  for (; d0 < Dv; d0 += W) pv_tile<W, R, 1>(O, P, corr, v, vs, n, D, d0, bf16);
+  for (int r = 0; r < R; r++)
+    for (int d = Dv; d < D; d++) {
+      float acc = O[r * D + d] * corr[r];
+      for (int j = 0; j < n; j++) acc += P[r * KB + j] * load_elem(offset(v, bf16, j * vs), bf16, d);
+      O[r * D + d] = acc;
+    }
+}
+
+template <int W>
+inline void pv_simd(float* O, const float* P, const float* corr, const void* v, int64_t vs, int rows, int n, int D,
+                    bool bf16) {
+  int r = 0;
+  for (; r + MR <= rows; r += MR) pv_rows<W, MR>(O + r * D, P + r * KB, corr + r, v, vs, n, D, bf16);
+  for (; r < rows; r++) pv_rows<W, 1>(O + r * D, P + r * KB, corr + r, v, vs, n, D, bf16);
+}
+
+// Entry points per instruction set. Each one instantiates the generic template at its vector width.
+#define MBATTN_ENTRY_POINTS(ISA, W, TARGET)                                                                       \
+  __attribute__((target(TARGET), flatten)) void dots_##ISA(const float* q, const void* k, int64_t ks, int n,    \
+                                                            int D, bool bf16, float* s) {                        \
+    dots_simd<W>(q, k, ks, n, D, bf16, s);                                                                       \
+  }                                                                                                              \
+  __attribute__((target(TARGET), flatten)) void qk_##ISA(const float* Q, const float* KT, int rows, int D,      \
+                                                          float* S) {                                            \
+    qk_simd<W>(Q, KT, rows, D, S);                                                                               \
+  }                                                                                                              \
+  __attribute__((target(TARGET), flatten)) void softmax_##ISA(float* S, int rows, float scale,                  \
+                                                               const float* keybias, const float* const* rowbias, \
+                                                               const int* limit, float* m, float* l, float* corr) { \
+    softmax_simd<W>(S, rows, scale, keybias, rowbias, limit, m, l, corr);                                        \
+  }                                                                                                              \
+  __attribute__((target(TARGET), flatten)) void pv_##ISA(float* O, const float* P, const float* corr,           \
+                                                          const void* v, int64_t vs, int rows, int n, int D,     \
+                                                          bool bf16) {                                           \
+    pv_simd<W>(O, P, corr, v, vs, rows, n, D, bf16);                                                             \
+  }                                                                                                              \
+  const Ops k_##ISA = {dots_##ISA, qk_##ISA, softmax_##ISA, pv_##ISA};
+
+MBATTN_ENTRY_POINTS(avx2, 8, "avx2,fma")
+MBATTN_ENTRY_POINTS(avx512, 16, "avx512f,avx512bw,avx512vl,avx512dq")
+
+const Ops kScalar = {dots_scalar, qk_scalar, softmax_scalar, pv_scalar};
+
+const Ops& ops() {
+  switch (simd_level()) {
+    case 2: return k_avx512;
+    case 1: return k_avx2;
+    default: return kScalar;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Decode: work item = (b, h, chunk of keys). The chunks split the keys of a row when B*H alone cannot keep all
+// threads busy (split-K); each item leaves (m, l, O) and a combine step merges them per (b, h).
+
+struct Partial {
+  float m, l;
+};
+
+}  // namespace
+
+// cap >= 0 sets the highest SIMD level allowed (0 forces scalar); returns the level now in use.
+extern "C" int mbattn_simd_level(int cap) {
+  if (cap >= 0) g_simd_cap = cap;
+  return simd_level();
+}
+
+// q (B, H, D) strides q_st; k, v (B, H, >=L, D) strides k_st / v_st (elements, last dim contiguous);
+// key_pos (B, L); one of: alibi (H,), t5_table (num_buckets, H) + t5_qpos (B,), bias (H, L); out (B, H, D).
+extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void* out, int bf16_in, int64_t B,
+                              int64_t H, int64_t L, int64_t D, const int64_t* q_st, const int64_t* k_st,
+                              const int64_t* v_st, const int32_t* key_pos, float scale, const float* alibi,
+                              const float* t5_table, int64_t num_buckets, const int32_t* t5_qpos, int t5_bidir,
+                              int64_t t5_max_distance, const float* bias) {
+  const bool bf16 = bf16_in != 0;
+  const Ops& op = ops();
+  // T5 buckets depend on (b, j) only: compute the logs once, not once per head. (B, L)
+  std::vector<int32_t> bucket;
+  if (t5_table) {
+    bucket.resize(B * L);
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t j = 0; j < L; j++)
+        bucket[b * L + j] = t5_bucket((int64_t)key_pos[b * L + j] - t5_qpos[b], t5_bidir != 0, (int)num_buckets,
+                                      (int)t5_max_distance);
+  }
+  const int64_t BH = B * H, nthr = omp_get_max_threads();
+  // Split-K: aim at >= 4 items per thread, but keep chunks >= 256 keys (whole blocks) so each stays a stream.
+  int64_t nc = std::max<int64_t>(1, std::min((4 * nthr + BH - 1) / BH, L / 256));
+  const int64_t chunk = ((L + nc - 1) / nc + KB - 1) / KB * KB;
+  nc = std::max<int64_t>(1, (L + chunk - 1) / chunk);
+  std::vector<Partial> part(BH * nc);
+  std::vector<float> part_o(BH * nc * D);
+
+#pragma omp parallel for schedule(static)
+  for (int64_t it = 0; it < BH * nc; it++) {
+    const int64_t bh = it / nc, c = it % nc, b = bh / H, h = bh % H;
+    const int64_t j0 = c * chunk, j1 = std::min(L, j0 + chunk);
+    alignas(64) float qf[256], s[KB], keybias[KB];
+    const void* qp = offset(q, bf16, b * q_st[0] + h * q_st[1]);
+    for (int64_t d = 0; d < D; d++) qf[d] = load_elem(qp, bf16, d);
+    const void* kp = offset(k, bf16, b * k_st[0] + h * k_st[1]);
+    const void* vp = offset(v, bf16, b * v_st[0] + h * v_st[1]);
+    const int32_t* pos = key_pos + b * L;
+    float m = NEG_INF, l = 0.f, corr;
+    float* o = part_o.data() + it * D;
+    std::fill(o, o + D, 0.f);
+    for (int64_t jb = j0; jb < j1; jb += KB) {
+      const int n = (int)std::min<int64_t>(KB, j1 - jb);
+      op.dots(qf, offset(kp, bf16, jb * k_st[2]), k_st[2], n, (int)D, bf16, s);
+      // bias_j for this block (-inf: masked key or past the end of the block)
+      for (int jj = 0; jj < KB; jj++) {
+        const int64_t j = jb + jj;
+        if (jj >= n || pos[j] < 0)
+          keybias[jj] = NEG_INF;
+        else if (alibi)
+          keybias[jj] = alibi[h] * (float)pos[j];
+        else if (t5_table)
+          keybias[jj] = t5_table[bucket[b * L + j] * H + h];
+        else if (bias)
+          keybias[jj] = bias[h * L + j];
+        else
+          keybias[jj] = 0.f;
+      }
+      const int limit = KB;
+      op.softmax(s, 1, scale, keybias, nullptr, &limit, &m, &l, &corr);
+      op.pv(o, s, &corr, offset(vp, bf16, jb * v_st[2]), v_st[2], 1, n, (int)D, bf16);
+    }
+    part[it] = {m, l};
+  }
+
+  // Combine the chunks of each (b, h): out = sum_c exp(m_c - M) O_c / sum_c exp(m_c - M) l_c.
+#pragma omp parallel for schedule(static)
+  for (int64_t bh = 0; bh < BH; bh++) {
+    float M = NEG_INF;
+    for (int64_t c = 0; c < nc; c++) M = std::max(M, part[bh * nc + c].m);
+    std::vector<float> acc(D, 0.f);
+    float lsum = 0.f;
+    if (M != NEG_INF) {
+      for (int64_t c = 0; c < nc; c++) {
+        const Partial& pc = part[bh * nc + c];
+        if (pc.m == NEG_INF) continue;
+        const float w = std::exp(pc.m - M);
+        lsum += w * pc.l;
+        const float* oc = part_o.data() + (bh * nc + c) * D;
+        for (int64_t d = 0; d < D; d++) acc[d] += w * oc[d];
+      }
+    }
+    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;  // all keys masked -> 0
+    for (int64_t d = 0; d < D; d++) {
+      if (bf16)
+        ((uint16_t*)out)[bh * D + d] = f32_to_bf16(acc[d] * inv);
+      else
+        ((float*)out)[bh * D + d] = acc[d] * inv;
+    }
+  }
+}
+
+// Prefill: q (B, H, T, D), k, v (B, H, S, D) with strides (elements, last dim contiguous); key_pos (B, S);
+// causal: query t sees key j only if j <= t + q_offset; alibi (H,) or t5_table (num_buckets, H); out (B, H, T, D).
+extern "C" void mbattn_prefill(const void* q, const void* k, const void* v, void* out, int bf16_in, int64_t B,
+                               int64_t H, int64_t T, int64_t S, int64_t D, const int64_t* q_st, const int64_t* k_st,
+                               const int64_t* v_st, const int32_t* key_pos, float scale, int causal,
+                               int64_t q_offset, const float* alibi, const float* t5_table, int64_t num_buckets,
+                               int t5_bidir, int64_t t5_max_distance) {
+  const bool bf16 = bf16_in != 0;
+  const Ops& op = ops();
+  const int64_t nkb = (S + KB - 1) / KB, nqb = (T + BQ - 1) / BQ, BH = B * H;
+
+  // K^T packed per (b, h, key block) as fp32 (D, KB), zero past S: the qk tile reads KB keys per vector.
+  std::vector<float> kt_buf(BH * nkb * D * KB + 16);
+  float* KT = (float*)(((uintptr_t)kt_buf.data() + 63) & ~(uintptr_t)63);
+#pragma omp parallel for schedule(static)
+  for (int64_t it = 0; it < BH * nkb; it++) {
+    const int64_t bh = it / nkb, kb = it % nkb, b = bh / H, h = bh % H;
+    float* dst = KT + it * D * KB;
+    for (int64_t c = 0; c < KB; c++) {
+      const int64_t j = kb * KB + c;
+      if (j >= S) {
+        for (int64_t d = 0; d < D; d++) dst[d * KB + c] = 0.f;
+        continue;
+      }
+      const void* kj = offset(k, bf16, b * k_st[0] + h * k_st[1] + j * k_st[2]);
+      for (int64_t d = 0; d < D; d++) dst[d * KB + c] = load_elem(kj, bf16, d);
+    }
+  }
+
+  // T5: bias of head h for rel = j - (t + q_offset) at index j - t + T - 1 (range [0, S + T - 1)), padded
+  // with KB zeros so a row can read a whole block. (H, R)
+  const int64_t R = S + T + KB;
+  std::vector<float> t5_rel;
+  if (t5_table) {
+    t5_rel.assign(H * R, 0.f);
+    for (int64_t i = 0; i < S + T - 1; i++) {
+      const int bk = t5_bucket(i - (T - 1) - q_offset, t5_bidir != 0, (int)num_buckets, (int)t5_max_distance);
+      for (int64_t h = 0; h < H; h++) t5_rel[h * R + i] = t5_table[bk * H + h];
+    }
+  }
+
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t it = 0; it < BH * nqb; it++) {
+    const int64_t bh = it / nqb, qb = it % nqb, b = bh / H, h = bh % H;
+    const int64_t t0 = qb * BQ;
+    const int nr = (int)std::min<int64_t>(BQ, T - t0);
+    const int Di = (int)D;
+    std::vector<float> Q(BQ * D, 0.f), O(BQ * D, 0.f);  // (BQ, D) query rows and unnormalised output
+    alignas(64) float Sb[BQ * KB], keybias[KB], m[BQ], l[BQ], corr[BQ];
+    const float* rowbias[BQ];
+    int limit[BQ];
+    for (int r = 0; r < nr; r++) {
+      const void* qr = offset(q, bf16, b * q_st[0] + h * q_st[1] + (t0 + r) * q_st[2]);
+      for (int64_t d = 0; d < D; d++) Q[r * D + d] = load_elem(qr, bf16, d);
+    }
+    std::fill(m, m + BQ, NEG_INF);
+    std::fill(l, l + BQ, 0.f);
+    const int32_t* pos = key_pos + b * S;
+    // causal block skipping: the last row of this block sees keys j <= t0 + nr - 1 + q_offset
+    const int64_t kend = causal ? std::min(S, t0 + nr + q_offset) : S;
+    const void* kv_v = offset(v, bf16, b * v_st[0] + h * v_st[1]);
+    for (int64_t kb = 0; kb * KB < kend; kb++) {
+      const int64_t j0 = kb * KB;
+      const int n = (int)std::min<int64_t>(KB, S - j0);
+      op.qk(Q.data(), KT + (bh * nkb + kb) * D * KB, BQ, Di, Sb);
+      for (int c = 0; c < KB; c++) {
+        const bool masked = c >= n || pos[j0 + c] < 0;
+        keybias[c] = masked ? NEG_INF : (alibi ? alibi[h] * (float)pos[j0 + c] : 0.f);
+      }
+      for (int r = 0; r < BQ; r++) {
+        const int64_t t = t0 + r;
+        limit[r] = r >= nr ? 0 : (causal ? (int)std::clamp<int64_t>(t + q_offset - j0 + 1, 0, KB) : KB);
+        rowbias[r] = t5_table ? t5_rel.data() + h * R + std::max<int64_t>(0, j0 - t + T - 1) : nullptr;  // dummy rows clamp
+      }
+      op.softmax(Sb, BQ, scale, keybias, t5_table ? rowbias : nullptr, limit, m, l, corr);
+      op.pv(O.data(), Sb, corr, offset(kv_v, bf16, j0 * v_st[2]), v_st[2], nr, n, Di, bf16);
+    }
+    for (int r = 0; r < nr; r++) {
+      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // fully masked query row -> 0
+      const int64_t o0 = ((bh * T) + t0 + r) * D;
+      for (int64_t d = 0; d < D; d++) {
+        if (bf16)
+          ((uint16_t*)out)[o0 + d] = f32_to_bf16(O[r * D + d] * inv);
+        else
+          ((float*)out)[o0 + d] = O[r * D + d] * inv;
+      }
+    }
+  }
+}
