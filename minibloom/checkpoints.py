@@ -181,10 +181,12 @@ MT0_SMALL = dict(model_type="mt5", vocab_size=250112, d_model=512, d_kv=64, d_ff
 MT0_BASE = dict(MT0_SMALL, d_model=768, d_ff=2048, num_layers=12, num_heads=12)
 
 
-def hf_mt5(shape: dict, seed: int = 0, scale: float = 1.0):
+def hf_mt5(shape: dict, seed: int = 0, scale: float = 1.0, wo_scale: float = 1.0):
     """A transformers MT5/T5ForConditionalGeneration with random weights (linear weights * scale, RMSNorm weights
     perturbed, a relative bias of std 1 so that the buckets matter). An untied shape gets its own lm_head.weight:
-    transformers 5 ties every freshly built MT5, so we untie by construction."""
+    transformers 5 ties every freshly built MT5, so we untie by construction.
+    wo_scale multiplies the FFN output weights: large values grow the residual stream past fp16's range, as in
+    the real mT5 checkpoints."""
     from transformers import MT5Config, MT5ForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
     shape = dict(shape)
@@ -201,7 +203,7 @@ def hf_mt5(shape: dict, seed: int = 0, scale: float = 1.0):
             elif "relative_attention_bias" in name:
                 p.normal_(0, 1.0)
             elif name != "shared.weight":
-                p.mul_(scale)
+                p.mul_(scale * (wo_scale if name.endswith(".wo.weight") else 1.0))
         if not tied:
             model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * scale)
     return model
@@ -256,12 +258,12 @@ def write_t5_tokenizer(folder: Path, vocab_size: int = 700):
     (folder / "special_tokens_map.json").write_text(json.dumps(special))
 
 
-def mt5_checkpoint(shape: dict = TINY_MT5, *, shards=1, dtype=torch.float32, seed=0, scale=1.0,
+def mt5_checkpoint(shape: dict = TINY_MT5, *, shards=1, dtype=torch.float32, seed=0, scale=1.0, wo_scale=1.0,
                    embed_copies=False, shard_style="dash") -> Path:
-    key = ("t5", shape, shards, str(dtype), seed, scale, embed_copies, shard_style, 1)
+    key = ("t5", shape, shards, str(dtype), seed, scale, wo_scale, embed_copies, shard_style, 1)
 
     def build(folder):
-        save_t5(hf_mt5(shape, seed, scale), folder, shards=shards, dtype=dtype, embed_copies=embed_copies,
+        save_t5(hf_mt5(shape, seed, scale, wo_scale), folder, shards=shards, dtype=dtype, embed_copies=embed_copies,
                 shard_style=shard_style)
         write_t5_tokenizer(folder)
     return _cached("t5", key, build)

@@ -191,6 +191,9 @@ class LM:
 
     def trace(self, prompt: str, decoder_prompt: str | None = None) -> dict:
         """Named intermediates of one forward pass: {"embeddings": ..., "h.0": ..., ..., "logits": ...}."""
+        if decoder_prompt is not None and not self.is_encoder_decoder:
+            raise MinibloomError("decoder_prompt is for encoder-decoder models (mT5/mT0/T5), and this model is "
+                                 "decoder-only: put the whole text in the prompt")
         ids, mask = self.encode_batch([prompt])
         self.model.taps = {}
         try:

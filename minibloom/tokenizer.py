@@ -2,7 +2,9 @@
 
 BLOOM: byte-level BPE, no BOS/EOS added, prompts left-padded with <pad>.
 mT5/mT0/T5: Unigram with Metaspace; every encoded text ends with </s>; the decoder starts from <pad> (id 0).
+The sentinels <extra_id_N> are ordinary pieces of the mT5 vocabulary: decoding keeps them.
 """
+import base64
 import json
 from pathlib import Path
 
@@ -21,7 +23,10 @@ class Tokenizer:
             self.backend = HFTokenizer.from_file(str(path))
         except Exception as e:
             raise MinibloomError(f"cannot read {path}: {e}. Re-download it") from e
-        self.is_unigram = json.loads(path.read_text()).get("model", {}).get("type") == "Unigram"
+        data = json.loads(path.read_text())
+        self.is_unigram = data.get("model", {}).get("type") == "Unigram"
+        if self.is_unigram and config.get("model_type") in ("t5", "mt5"):
+            _t5_pipeline(self.backend, data)
         self.eos_id = _first_int(config.get("eos_token_id"), self.backend.token_to_id("</s>"))
         self.pad_id = _first_int(config.get("pad_token_id"), self.backend.token_to_id("<pad>"), 0)
         self.bos_id = _first_int(config.get("bos_token_id"), None)
@@ -42,6 +47,23 @@ class Tokenizer:
 
     def streamer(self) -> "StreamDecoder":
         return StreamDecoder(self)
+
+
+def _t5_pipeline(backend, data: dict):
+    """Rebuild the pipeline as transformers 5's T5Tokenizer does, rather than take tokenizer.json's (the two
+    differ on runs of spaces, tabs and newlines): the file's SentencePiece charsmap as the only normalizer, split
+    on any whitespace, then Metaspace ("▁" before every word). The vocabulary and the </s> template stay."""
+    from tokenizers import decoders, normalizers, pre_tokenizers
+
+    norm = data.get("normalizer") or {}
+    parts = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    charsmap = next((p["precompiled_charsmap"] for p in parts
+                     if p.get("type") == "Precompiled" and p.get("precompiled_charsmap")), None)
+    backend.normalizer = normalizers.Precompiled(base64.b64decode(charsmap)) if charsmap else normalizers.Sequence([])
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
 
 
 def _first_int(*values):
