@@ -5,7 +5,6 @@ AVX-512) and, on AVX2 machines, the AVX-512 template logic compiled for AVX2 ("a
 fp32: within 1e-5 of the fp32 reference. bf16: error vs the fp32 reference at most 2x the error of PyTorch's
 own bf16 path (the reference run on bf16 tensors with upcast=False) vs the same fp32 reference.
 """
-import math
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ import torch
 from minibloom.kernels import attention_ref as R
 from minibloom.kernels.cpu import _jit
 from minibloom.kernels.cpu import attention as A
+from minibloom.ops import positions_from_mask  # BLOOM key positions: (cumsum - 1), -1 on padding
 
 OK, WHY = A.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"CPU attention extension not built: {WHY}")
@@ -42,21 +42,10 @@ def path(request):
 
 
 def alibi_slopes(n_head):
-    """BLOOM slopes exactly as transformers builds them (parity.md §2.6)."""
-    c = 2 ** math.floor(math.log2(n_head))
-    base = torch.tensor(2 ** (-(2 ** -(math.log2(c) - 3))), dtype=torch.float32)
-    slopes = torch.pow(base, torch.arange(1, 1 + c, dtype=torch.int32))
-    if c != n_head:
-        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * c) - 3))), dtype=torch.float32)
-        r = min(c, n_head - c)
-        slopes = torch.cat([slopes, torch.pow(extra_base, torch.arange(1, 1 + 2 * r, 2, dtype=torch.int32))])
-    return slopes
+    """BLOOM slopes taken from transformers itself: build_alibi_tensor at key position 1 is slope[h]."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
-
-def positions_from_mask(mask):
-    """BLOOM key positions from a 0/1 mask: (cumsum - 1) * mask, and -1 where masked."""
-    pos = (mask.cumsum(-1) - 1) * mask
-    return torch.where(mask.bool(), pos, -1).to(torch.int32)
+    return build_alibi_tensor(torch.ones(1, 2), n_head, torch.float32)[:, 0, 1].contiguous()
 
 
 def ragged_mask(B, L, g):
