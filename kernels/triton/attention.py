@@ -265,6 +265,7 @@ def _check_inputs(q, k, v, key_pos, n_keys: int):
            f"q must be float32, float16 or bfloat16, got {q.dtype}")
     _check(k.dtype == q.dtype and v.dtype == q.dtype, f"k and v must have q's dtype {q.dtype}")
     _check(key_pos.dtype == torch.int32, f"key_pos must be int32 (-1 = masked key), got {key_pos.dtype}")
+    _check(q.shape[-1] <= 256, f"head dim {q.shape[-1]} > 256 is not supported by these kernels")
     _check(k.shape[2] >= n_keys and v.shape[:3] == k.shape[:3],
            f"k, v {tuple(k.shape)}, {tuple(v.shape)} must hold at least the {n_keys} keys of key_pos")
 
