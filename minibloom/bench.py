@@ -1,0 +1,665 @@
+"""`minibloom bench`: minibloom, transformers and CTranslate2 on one checkpoint, in one run, next to the floor.
+
+    minibloom bench --shape bloomz-560m --dtype float32,bfloat16 --batch 1,8 --prompt-tokens 128 --new-tokens 128
+
+Method (each point is there because the number would lie without it):
+  * every measurement is a fresh process (python -m minibloom.bench_peers), engines alternate A B C A B C ...,
+    so a slow period of the machine hits every engine, not one;
+  * whole models only: the weights (hundreds of MB) cannot sit in the 32 MiB L3 between tokens, as one layer in a
+    loop would (2-3x flattering);
+  * a warm-up generation precedes every timed one and is not counted;
+  * every engine gets the same thread count (torch.set_num_threads, CTranslate2 intra_threads, OMP_NUM_THREADS),
+    the same prompt ids and exactly --new-tokens greedy tokens;
+  * before each run the machine must be quiet (/proc/stat busy share over 1 s); the CPU used by others during the
+    run is measured too (machine busy time minus the worker's own). Loaded runs are kept and marked, never hidden;
+  * the floor is the machine's read bandwidth measured in the same run (a reduction over a buffer far larger than
+    L3, best of N): a decode step cannot be faster than (weight bytes it reads) / (bandwidth).
+The worker code (engine loading, timing, conversion, the bandwidth probe) is in bench_peers.py.
+"""
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import bench_peers
+from .bench_peers import SHAPES
+from .cli import add_model_arguments, positive_int
+from .errors import MinibloomError
+
+PEERS = ("transformers", "ctranslate2")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+QUANT_MODES = ("int8", "int8-weight")
+QUIET_WINDOW_S = 1.0  # the busy share is sampled over this window
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+# figure -> (column title, digits, True when lower is better)
+FIGURES = {
+    "load_s": ("load s", 2, True),
+    "ttft_ms": ("TTFT ms", 1, True),
+    "prefill_tok_s": ("prefill tok/s", 0, False),
+    "decode_ms": ("decode ms/token", 1, True),
+    "peak_rss_mb": ("peak RSS MB", 0, True),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    engine: str        # minibloom | transformers | ctranslate2
+    precision: str     # float32 | bfloat16 | float16 | int8 | int8-weight
+    dtype: str         # activation dtype
+    compute_type: str | None = None  # CTranslate2's name for the precision
+
+    @property
+    def name(self) -> str:
+        return f"{self.engine} {self.precision}"
+
+
+# -- the floor ---------------------------------------------------------------------------------------------------------
+
+def checkpoint_shapes(folder: Path) -> dict[str, list[int]]:
+    """{tensor name: shape} from the safetensors headers (8-byte length + JSON), without reading any weights."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    shapes = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise MinibloomError(f"{folder} has no {name}: pass the folder of a safetensors checkpoint")
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def decode_tensors(shapes: dict, model_type: str) -> list[str]:
+    """The tensors one decode step must read in full.
+
+    BLOOM: all of them; the input embedding is also the output head (tied), so the whole matrix is read.
+    T5 family: the decoder, minus the cross-attention K/V projections (applied to the encoder output once, before
+    decoding), plus the head (lm_head, or the shared embedding when tied). The encoder and the embedding lookup
+    (B rows) are not read per token."""
+    names = list(shapes)
+    if model_type not in ("t5", "mt5"):
+        tied = "lm_head.weight" not in shapes
+        return [n for n in names if tied or not n.endswith("word_embeddings.weight")]
+    out = [n for n in names if n.startswith("decoder.") and "embed_tokens" not in n
+           and ".EncDecAttention.k." not in n and ".EncDecAttention.v." not in n]
+    return out + ["lm_head.weight" if "lm_head.weight" in shapes else "shared.weight"]
+
+
+def decode_weight_bytes(shapes: dict, model_type: str, precision: str, dtype: str = "float32") -> int:
+    """Bytes of weights read per decode step. int8: 1 byte per weight of every matrix plus one fp32 scale per row;
+    vectors (biases, norms) stay in the activation dtype."""
+    total = 0
+    for name in decode_tensors(shapes, model_type):
+        shape = shapes[name]
+        n = math.prod(shape)
+        if precision in QUANT_MODES and len(shape) == 2:
+            total += n + 4 * shape[0]
+        else:
+            total += n * ITEMSIZE[precision if precision in ITEMSIZE else dtype]
+    return total
+
+
+def floor_ms(weight_bytes: int, bandwidth_gbps: float) -> float:
+    """The fastest a decode step can be: its weight bytes streamed once at the measured read bandwidth."""
+    return weight_bytes / (bandwidth_gbps * 1e9) * 1e3
+
+
+def percent_of_floor(measured_ms: float, floor: float) -> float:
+    """Measured time as a % of the floor: 100% is at the floor, 200% twice as slow as the floor."""
+    return 100.0 * measured_ms / floor
+
+
+# -- is the machine quiet? ---------------------------------------------------------------------------------------------
+
+def cpu_jiffies(stat_text: str | None = None) -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs, from the first line of /proc/stat (guest time is already in user)."""
+    if stat_text is None:
+        stat_text = Path("/proc/stat").read_text()
+    fields = [int(v) for v in stat_text.split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int], own_cpu_s: float = 0.0) -> float:
+    """Share of the machine's CPU time used by other processes between two cpu_jiffies() readings."""
+    busy, total = after[0] - before[0], after[1] - before[1]
+    if total <= 0:
+        return 0.0
+    own = own_cpu_s * os.sysconf("SC_CLK_TCK")
+    return max(0.0, min(1.0, (busy - own) / total))
+
+
+def quiet_check(threshold: float, max_wait_s: float) -> dict:
+    """Sample the machine's busy share over QUIET_WINDOW_S, until it is below threshold or max_wait_s has passed."""
+    t0 = time.monotonic()
+    while True:
+        before = cpu_jiffies()
+        time.sleep(QUIET_WINDOW_S)
+        share = busy_share(before, cpu_jiffies())
+        waited = time.monotonic() - t0
+        if share <= threshold or waited >= max_wait_s:
+            return {"busy": share, "quiet": share <= threshold, "waited_s": waited, "loadavg": _loadavg()}
+
+
+def _loadavg() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# -- running workers ---------------------------------------------------------------------------------------------------
+
+def spawn(spec: dict, threads: int, timeout_s: float) -> dict:
+    """Run one bench_peers task in a fresh process (bench_peers.py loaded by path: no package import, no torch).
+    Returns {"result" | "error", "foreign", "wall_s"}."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               OPENBLAS_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    boot = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('minibloom_bench_worker', "
+            "sys.argv[1]); m = importlib.util.module_from_spec(s); s.loader.exec_module(m); sys.exit(m.main(sys.argv[2:]))")
+    with tempfile.TemporaryDirectory(prefix="minibloom-bench-") as tmp:
+        spec = dict(spec, out=os.path.join(tmp, "out.json"))
+        spec_path = os.path.join(tmp, "spec.json")
+        log_path = os.path.join(tmp, "log.txt")
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        j0 = cpu_jiffies()
+        spec["t_spawn"] = time.time()
+        Path(spec_path).write_text(json.dumps(spec))
+        t0 = time.perf_counter()
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, "-c", boot, bench_peers.__file__, spec_path], stdout=log,
+                                    stderr=subprocess.STDOUT, env=env, cwd=tmp)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        wall = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        own = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+        out = {"foreign": busy_share(j0, cpu_jiffies(), own), "wall_s": wall}
+        if proc.returncode == 0 and os.path.exists(spec["out"]):
+            out["result"] = json.loads(Path(spec["out"]).read_text())
+        else:
+            tail = Path(log_path).read_text().strip().splitlines()
+            reason = f"timed out after {timeout_s:.0f} s" if proc.returncode in (-9, 137) else \
+                (tail[-1] if tail else f"exit status {proc.returncode}")
+            out["error"] = reason
+            out["log_tail"] = tail[-20:]
+        return out
+
+
+def _warm_files(folder: str | None):
+    """Read a model's files once so every load starts from the page cache, not from the disk."""
+    if not folder:
+        return
+    for path in Path(folder).iterdir():
+        if path.is_file() and path.suffix in (".safetensors", ".bin", ".json"):
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+
+# -- planning ----------------------------------------------------------------------------------------------------------
+
+def engine_available(name: str) -> tuple[bool, str]:
+    if name == "minibloom":
+        return True, ""
+    if importlib.util.find_spec(name) is None:
+        return False, f"{name} is not installed (pip install 'minibloom[bench]')"
+    return True, ""
+
+
+def ct2_compute_type(precision: str, dtype: str, supported: list[str]) -> str | None:
+    if precision == "int8":
+        options = [f"int8_{dtype}", "int8"]
+    elif precision in FLOAT_DTYPES:
+        options = [precision]
+    else:
+        return None  # CTranslate2 has no weight-only int8
+    return next((c for c in options if c in supported), None)
+
+
+def plan(dtypes, quantize, peers, ct2_types) -> tuple[list[Variant], list[str]]:
+    """The variants to run, in alternation order, and notes on the combinations that cannot be measured."""
+    variants, notes = [], []
+    precisions = [(d, d) for d in dtypes] + [(q, dtypes[0]) for q in quantize]
+    if "ctranslate2" in peers and "int8" not in quantize:
+        precisions.append(("int8", dtypes[0]))  # CTranslate2 int8: the fastest CPU peer, always worth a row
+    for precision, dtype in precisions:
+        if precision in dtypes or precision in quantize:
+            variants.append(Variant("minibloom", precision, dtype))
+        if "transformers" in peers:
+            if precision in FLOAT_DTYPES:
+                variants.append(Variant("transformers", precision, dtype))
+            elif precision in quantize:
+                notes.append(f"transformers {precision}: not measured (its int8 is bitsandbytes, a CUDA library)")
+        if "ctranslate2" in peers:
+            ct = ct2_compute_type(precision, dtype, ct2_types)
+            if ct:
+                variants.append(Variant("ctranslate2", precision, dtype, ct))
+            else:
+                notes.append(f"ctranslate2 {precision}: not measured (this device supports "
+                             f"{', '.join(ct2_types) or 'nothing'})")
+    return variants, notes
+
+
+# -- statistics and report ---------------------------------------------------------------------------------------------
+
+def stats(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+def summarize(runs: list[dict], variants: list[Variant], batches: list[int], weight_bytes: dict,
+              bandwidth: float) -> list[dict]:
+    """One row per (variant, batch): every figure's min/median/max over the counted runs, the floor, the ratios."""
+    rows = []
+    for v in variants:
+        mine = [r for r in runs if r["variant"] == v.name and "result" in r]
+        for i, B in enumerate(batches):
+            samples = [(r, r["result"]["batches"][i]) for r in mine]
+            if not samples:
+                continue
+            figs = {
+                "load_s": stats([r["result"]["load_s"] for r, _ in samples]),
+                "ttft_ms": stats([b["ttft_s"] * 1e3 for _, b in samples]),
+                "prefill_tok_s": stats([b["prefill_tok_s"] for _, b in samples]),
+                "decode_ms": stats([b["decode_s"] * 1e3 for _, b in samples]),
+                "peak_rss_mb": stats([b["peak_rss_bytes"] / 1e6 for _, b in samples]),
+            }
+            if any("peak_gpu_bytes" in b for _, b in samples):
+                figs["peak_gpu_mb"] = stats([b["peak_gpu_bytes"] / 1e6 for _, b in samples if "peak_gpu_bytes" in b])
+            wb = weight_bytes[v.precision]
+            fl = floor_ms(wb, bandwidth)
+            rows.append({
+                "engine": v.engine, "precision": v.precision, "dtype": v.dtype, "compute_type": v.compute_type,
+                "info": mine[0]["result"]["info"], "batch": B, "prompt_tokens": samples[0][1]["prompt_tokens"],
+                "new_tokens": samples[0][1]["new_tokens"], "figures": figs,
+                "weight_bytes_per_step": wb, "weight_bytes_per_token": wb / B, "floor_ms": fl,
+                "percent_of_floor": percent_of_floor(figs["decode_ms"]["median"], fl),
+                "runs": len(samples), "loaded_runs": sum(r["loaded"] for r, _ in samples),
+                "tokens": samples[0][1]["tokens"],
+            })
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: list[dict]):
+    """ratios[figure] = median / best peer's median at the same precision and batch (None without a peer);
+    ratios["decode_ms_any"] = decode median / the fastest peer's at any precision."""
+    for row in rows:
+        ratios = {}
+        for fig, (_, _, lower) in FIGURES.items():
+            peers = [p["figures"][fig]["median"] for p in rows if p["engine"] != "minibloom"
+                     and p["batch"] == row["batch"] and p["precision"] == row["precision"]]
+            best = (min if lower else max)(peers) if peers else None
+            ratios[fig] = row["figures"][fig]["median"] / best if best else None
+        any_peer = [p["figures"]["decode_ms"]["median"] for p in rows
+                    if p["engine"] != "minibloom" and p["batch"] == row["batch"]]
+        ratios["decode_ms_any"] = row["figures"]["decode_ms"]["median"] / min(any_peer) if any_peer else None
+        row["ratios"] = ratios
+
+
+def _cell(s: dict | None, digits: int) -> str:
+    if s is None:
+        return "–"
+    f = f"{{:,.{digits}f}}"
+    if s["n"] == 1 or f.format(s["min"]) == f.format(s["max"]):
+        return f.format(s["median"])
+    return f"{f.format(s['median'])} ({f.format(s['min'])}–{f.format(s['max'])})"
+
+
+def _label(row) -> str:
+    backend = row["info"].get("backend")
+    return f"{row['engine']} ({backend})" if backend else row["engine"]
+
+
+def _ratio(x) -> str:
+    return "–" if x is None else f"{x:.2f}×"
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    fl = report["floor"]
+    lines = [f"## minibloom bench · {s['model_name']} · {report['device']} · {s['threads']} threads · "
+             f"{report['date']}", "",
+             f"Machine: {report['machine']['summary']}.  ",
+             f"Command: `{report['command']}`.  ",
+             f"Floor: read bandwidth {fl['gbps']:.1f} GB/s (best of {fl['samples']} samples, {fl['method']}, "
+             f"{fl['bytes'] / 2**20:,.0f} MiB buffer; samples {fl['min']:.1f}–{fl['max']:.1f} GB/s).  ",
+             f"Each cell: median (min–max) over {s['repeats']} runs, each a fresh process; engines alternate; "
+             f"a warm-up generation before each timed one is not counted; greedy, exactly the new tokens asked for. "
+             f"Decode ms/token is per step (one token for every sequence of the batch); *vs floor* is that time as "
+             f"a % of the floor (weight bytes read per step / bandwidth; 100% = at the floor); load is process "
+             f"start to model ready, from the page cache.", ""]
+    if fl["cache_resident"]:
+        lines += ["**The weights fit in the L3 cache: the floor does not apply to this shape (not shown).**", ""]
+    for B in s["batch"]:
+        rows = [r for r in report["summary"] if r["batch"] == B]
+        if not rows:
+            continue
+        lines += [f"### batch {B} · prompt {rows[0]['prompt_tokens']} · {rows[0]['new_tokens']} new tokens", "",
+                  "| engine | precision | " + " | ".join(FIGURES[f][0] for f in FIGURES if f != "peak_rss_mb")
+                  + " | floor ms | vs floor | weights MB/token | peak RSS MB | quiet runs |",
+                  "|---|---|" + "---:|" * 8 + "---|"]
+        for r in rows:
+            f = r["figures"]
+            quiet = f"{r['runs'] - r['loaded_runs']}/{r['runs']}" + (" ⚠" if r["loaded_runs"] else "")
+            floor = "– | –" if fl["cache_resident"] else f"{r['floor_ms']:.3g} | {r['percent_of_floor']:.0f}%"
+            lines.append(
+                f"| {_label(r)} | {r['precision']} | "
+                + " | ".join(_cell(f[k], FIGURES[k][1]) for k in FIGURES if k != "peak_rss_mb")
+                + f" | {floor} | {r['weight_bytes_per_token'] / 1e6:,.3g}"
+                f" | {_cell(f['peak_rss_mb'], 0)} | {quiet} |")
+        lines += ["", "Ratio of the median to the best peer's at the same precision (times, RSS: < 1 is better; "
+                      "prefill tok/s: > 1 is better); last column: decode vs the fastest peer at any precision.", "",
+                  "| engine | precision | load | TTFT | prefill | decode | peak RSS | decode vs fastest peer |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            q = r["ratios"]
+            lines.append(f"| {_label(r)} | {r['precision']} | " + " | ".join(_ratio(q[k]) for k in FIGURES)
+                         + f" | {_ratio(q['decode_ms_any'])} |")
+        lines.append("")
+    for title, items in (("Not measured", report["not_measured"]), ("Missing peers", report["missing"]),
+                         ("Failed", report["failed"])):
+        if items:
+            lines.append(f"{title}: " + "; ".join(items) + ".  ")
+    loaded = [r for r in report["runs"] if r.get("loaded")]
+    if loaded:
+        lines.append(f"⚠ Loaded machine: {len(loaded)} of {len(report['runs'])} runs saw more than "
+                     f"{report['settings']['quiet_threshold']:.0%} of the CPU used by other processes (before or "
+                     f"during the run; up to {max(r['foreign_max'] for r in loaded):.0%}). Their numbers are kept.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(report: dict, path: str) -> str | None:
+    """Decode ms/token per engine and precision, min–max bars, the floor drawn over each. None if no matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no chart (pip install 'minibloom[bench]')"
+    batches = [B for B in report["settings"]["batch"] if any(r["batch"] == B for r in report["summary"])]
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2), squeeze=False)
+    colors = {"minibloom": "#2a7ab9", "transformers": "#f0a030", "ctranslate2": "#6aaa55"}
+    for ax, B in zip(axes[0], batches):
+        rows = [r for r in report["summary"] if r["batch"] == B]
+        for x, r in enumerate(rows):
+            d = r["figures"]["decode_ms"]
+            ax.bar(x, d["median"], color=colors[r["engine"]], hatch="//" if r["loaded_runs"] else None,
+                   yerr=[[d["median"] - d["min"]], [d["max"] - d["median"]]], capsize=3)
+            ax.hlines(r["floor_ms"], x - 0.45, x + 0.45, colors="black", linestyles="--", linewidth=1.2,
+                      label="floor (weights / bandwidth)" if x == 0 else None)
+        ax.set_xticks(range(len(rows)), [f"{r['engine']}\n{r['precision']}" for r in rows], fontsize=8)
+        ax.set_ylabel("decode ms/token (lower is better)")
+        ax.set_title(f"batch {B}, prompt {rows[0]['prompt_tokens']}, {rows[0]['new_tokens']} new tokens",
+                     fontsize=10)
+        ax.legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"{report['settings']['model_name']} on {report['device']} ({report['settings']['threads']} "
+                 f"threads), {report['date']}; hatched: loaded machine", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def machine_info(device_name: str | None) -> dict:
+    info = {"python": platform.python_version(), "os": platform.platform(terse=True),
+            "logical_cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        info["l3_bytes"] = _cache_size("/sys/devices/system/cpu/cpu0/cache/index3/size")
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["ram_bytes"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+    for pkg in ("torch", "transformers", "ctranslate2"):
+        try:
+            info[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    parts = [info["cpu"], f"{info['logical_cpus']} logical CPUs"]
+    if info.get("l3_bytes"):
+        parts.append(f"L3 {info['l3_bytes'] / 2**20:.0f} MiB")
+    if info.get("ram_bytes"):
+        parts.append(f"{info['ram_bytes'] / 2**30:.0f} GiB RAM")
+    if device_name:
+        parts.insert(0, device_name)
+    versions = ", ".join(f"{p} {info[p]}" for p in ("torch", "transformers", "ctranslate2") if p in info)
+    info["summary"] = f"{'; '.join(parts)}; Python {info['python']}, {versions}"
+    return info
+
+
+def _cache_size(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+# -- the command -------------------------------------------------------------------------------------------------------
+
+def _list(kind, allowed=None):
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if kind is int:
+            try:
+                items = [positive_int(t) for t in items]
+            except (ValueError, argparse.ArgumentTypeError):
+                raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+        if allowed is not None:
+            bad = [t for t in items if t not in allowed]
+            if bad:
+                raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}: choose from {', '.join(allowed)}")
+        return items
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    add_model_arguments(p, default_model=None)
+    # The shared --dtype / --quantize / --device take one value; here they take lists (and CUDA when present).
+    shared = {a.dest: a for a in p._actions}
+    for dest, kind, default, help_text in (
+            ("dtype", _list(str, FLOAT_DTYPES), ["float32"],
+             "comma-separated dtypes to measure, e.g. float32,bfloat16 (default float32)"),
+            ("quantize", _list(str, QUANT_MODES + ("none",)), [],
+             "also measure these int8 modes: int8 (W8A8, against CTranslate2 int8), int8-weight"),
+            ("device", str, "auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")):
+        shared[dest].type, shared[dest].choices, shared[dest].default, shared[dest].help = kind, None, default, \
+            help_text
+    p.add_argument("--shape", choices=list(SHAPES),
+                   help="a random-weight checkpoint of this real configuration, built once with transformers and "
+                        "cached (instead of --model)")
+    p.add_argument("--batch", type=_list(int), default=[1, 8], help="batch sizes (default 1,8)")
+    p.add_argument("--prompt-tokens", type=positive_int, default=128, help="prompt length in tokens (default 128)")
+    p.add_argument("--new-tokens", type=_list(int), default=[128],
+                   help="tokens to generate: one number, or one per --batch entry (e.g. 128,32)")
+    p.add_argument("--threads", type=positive_int, default=len(os.sched_getaffinity(0)),
+                   help="threads for every engine (default: all CPUs this process may use)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="counted runs per engine and precision (default 3)")
+    p.add_argument("--peers", type=_list(str, PEERS + ("none",)), default=list(PEERS),
+                   help="comma-separated peers: transformers,ctranslate2 (default both; none for minibloom only)")
+    p.add_argument("--json", metavar="PATH", help="write every sample and the summary as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG chart of decode ms/token with the floor")
+    p.add_argument("--quiet-threshold", type=float, default=0.15,
+                   help="busy share of the machine above which a run is marked loaded (default 0.15)")
+    p.add_argument("--wait-quiet", type=float, default=15.0,
+                   help="seconds to wait for a quiet machine before each run (default 15)")
+    p.add_argument("--floor-mib", type=positive_int, default=None,
+                   help="buffer for the bandwidth floor (default 1024 on CPU, 4096 on CUDA)")
+    p.add_argument("--timeout", type=positive_int, default=1200, help="seconds before a run is abandoned")
+
+
+def run(args) -> int:
+    if bool(args.model) == bool(args.shape):
+        raise MinibloomError("pass either --model (a folder, Hub repo id or family name) or --shape "
+                             f"({', '.join(SHAPES)}), not both and not neither")
+    quantize = [q for q in args.quantize if q != "none"]
+    peers = [p for p in args.peers if p != "none"]
+    if len(args.new_tokens) not in (1, len(args.batch)):
+        raise MinibloomError(f"--new-tokens has {len(args.new_tokens)} values for {len(args.batch)} batch sizes: "
+                             "give one number, or one per --batch entry")
+    new_tokens = args.new_tokens * len(args.batch) if len(args.new_tokens) == 1 else args.new_tokens
+    missing = []
+    for peer in list(peers):
+        ok, reason = engine_available(peer)
+        if not ok:
+            missing.append(reason)
+            peers.remove(peer)
+    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)
+    command = command_line(args)
+
+    log("preparing the checkpoint" + (" and its CTranslate2 conversions" if "ctranslate2" in peers else ""))
+    ct2_quants = ["float32"] + (["bfloat16"] if "bfloat16" in args.dtype else []) + \
+                 (["float16"] if "float16" in args.dtype else []) + ["int8"]
+    prep = spawn({"task": "prepare", "shape": args.shape, "model": args.model, "device": args.device,
+                  "ct2_quantizations": ct2_quants if "ctranslate2" in peers else []}, args.threads, 3600)
+    if "error" in prep:
+        raise MinibloomError(f"could not prepare the model: {prep['error']}")
+    prep = prep["result"]
+    device, folder = prep["device"], prep["folder"]
+    if "ctranslate2" in peers and prep["ct2_error"]:
+        missing.append(f"ctranslate2 could not convert the checkpoint ({prep['ct2_error']})")
+        peers.remove("ctranslate2")
+    variants, not_measured = plan(args.dtype, quantize, peers, prep["ct2_compute_types"])
+    config = json.loads((Path(folder) / "config.json").read_text())
+    model_type = config.get("model_type", "bloom")
+    shapes = checkpoint_shapes(Path(folder))
+    weight_bytes = {v.precision: decode_weight_bytes(shapes, model_type, v.precision, v.dtype) for v in variants}
+
+    # one prompt for everyone: random ids, no special tokens (ids >= 4), one row per batch entry
+    import random
+    rng = random.Random(0)
+    hi = min(config["vocab_size"], _tokenizer_size(Path(folder)) or config["vocab_size"])
+    prompts = [[rng.randrange(4, hi) for _ in range(args.prompt_tokens)] for _ in range(max(args.batch))]
+    order = sorted(zip(args.batch, new_tokens))  # ascending batch: the peak RSS read after each batch is its own
+    batches = [{"ids": prompts[:B], "new_tokens": n} for B, n in order]
+    batch_sizes, new_tokens = [B for B, _ in order], [n for _, n in order]
+    floor_bytes = (args.floor_mib or (4096 if device.startswith("cuda") else 1024)) * 2**20
+
+    runs, floors, failed = [], [], []
+    broken = set()
+    for rnd in range(args.repeats):
+        quiet = quiet_check(args.quiet_threshold, args.wait_quiet)
+        fl = spawn({"task": "floor", "bytes": floor_bytes, "threads": args.threads, "repeats": 5, "device": device},
+                   args.threads, 600)
+        if "result" in fl:
+            loaded = not quiet["quiet"] or fl["foreign"] > args.quiet_threshold
+            floors.append(dict(fl["result"], round=rnd, loaded=loaded, busy_before=quiet["busy"],
+                               foreign=fl["foreign"]))
+            log(f"round {rnd + 1}/{args.repeats} floor {fl['result']['gbps']:.1f} GB/s" + (" ⚠ loaded" if loaded else ""))
+        else:
+            log(f"floor measurement failed: {fl['error']}")
+        for v in variants:
+            if v.name in broken:
+                continue
+            ckpt = prep["ct2"].get(_ct2_quant(v)) if v.engine == "ctranslate2" else folder
+            _warm_files(ckpt)
+            quiet = quiet_check(args.quiet_threshold, args.wait_quiet)
+            spec = {"task": "run", "engine": v.engine, "precision": v.precision, "dtype": v.dtype,
+                    "quantize": v.precision if v.precision in QUANT_MODES else None,
+                    "int8_threshold": args.int8_threshold, "backend": args.backend, "device": device,
+                    "folder": folder, "ct2_folder": ckpt, "compute_type": v.compute_type,
+                    "threads": args.threads, "batches": batches}
+            out = spawn(spec, args.threads, args.timeout)
+            rec = {"variant": v.name, "engine": v.engine, "precision": v.precision, "round": rnd,
+                   "busy_before": quiet["busy"], "waited_s": quiet["waited_s"], "loadavg": quiet["loadavg"],
+                   "foreign_during": out["foreign"], "wall_s": out["wall_s"]}
+            rec["loaded"] = not quiet["quiet"] or out["foreign"] > args.quiet_threshold
+            rec["foreign_max"] = max(quiet["busy"], out["foreign"])
+            if "result" in out:
+                rec["result"] = out["result"]
+                dec = ", ".join(f"b{b['batch']} {b['decode_s'] * 1e3:.1f}" for b in out["result"]["batches"])
+                log(f"round {rnd + 1}/{args.repeats} {v.name}: load {out['result']['load_s']:.1f} s, decode ms/token "
+                    f"{dec}" + (f" ⚠ loaded ({rec['foreign_max']:.0%} busy)" if rec["loaded"] else ""))
+            else:
+                rec["error"], rec["log_tail"] = out["error"], out["log_tail"]
+                broken.add(v.name)
+                failed.append(f"{v.name}: {out['error']}")
+                log(f"{v.name} failed: {out['error']}")
+            runs.append(rec)
+
+    if not floors:
+        raise MinibloomError("the bandwidth floor could not be measured (see the messages above)")
+    best = max(floors, key=lambda f: f["gbps"])
+    gb = [f["gbps"] for f in floors]
+    l3 = machine_info(None).get("l3_bytes")
+    floor = {"gbps": best["gbps"], "method": best["method"], "bytes": best["bytes"], "samples": len(floors),
+             "min": min(gb), "max": max(gb), "all": floors,
+             "cache_resident": bool(l3 and device == "cpu" and max(weight_bytes.values(), default=0) < l3)}
+    report = {
+        "version": 1, "date": datetime.date.today().isoformat(), "command": command, "device": device,
+        "machine": machine_info(prep.get("device_name")),
+        "settings": {"model": args.model, "shape": args.shape, "model_name": args.shape or args.model,
+                     "folder": folder, "dtype": args.dtype, "quantize": quantize, "peers": peers,
+                     "batch": batch_sizes, "prompt_tokens": args.prompt_tokens, "new_tokens": new_tokens,
+                     "threads": args.threads, "repeats": args.repeats, "backend": args.backend,
+                     "quiet_threshold": args.quiet_threshold},
+        "floor": floor, "weight_bytes_per_step": weight_bytes,
+        "missing": missing, "not_measured": not_measured, "failed": failed, "runs": runs,
+    }
+    report["summary"] = summarize(runs, variants, batch_sizes, weight_bytes, floor["gbps"])
+    print(markdown(report), end="")
+    if args.plot:
+        problem = plot(report, args.plot) if report["summary"] else "nothing succeeded: no chart"
+        log(problem or f"chart written to {args.plot}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        log(f"every sample written to {args.json}")
+    return 0 if report["summary"] else 1
+
+
+def command_line(args) -> str:
+    """The command that reproduces this run, every setting that shapes the numbers spelled out."""
+    j = lambda xs: ",".join(map(str, xs)) or "none"
+    parts = ["minibloom", "bench", "--shape" if args.shape else "--model", args.shape or args.model,
+             "--dtype", j(args.dtype), "--batch", j(args.batch), "--prompt-tokens", str(args.prompt_tokens),
+             "--new-tokens", j(args.new_tokens), "--threads", str(args.threads), "--repeats", str(args.repeats),
+             "--peers", j(p for p in args.peers if p != "none")]
+    if [q for q in args.quantize if q != "none"]:
+        parts += ["--quantize", j(q for q in args.quantize if q != "none")]
+    for flag, value, default in (("--device", args.device, "auto"), ("--backend", args.backend, "auto"),
+                                 ("--int8-threshold", args.int8_threshold, 6.0)):
+        if value != default:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _ct2_quant(v: Variant) -> str:
+    return "int8" if v.precision == "int8" else v.precision
+
+
+def _tokenizer_size(folder: Path) -> int | None:
+    """Tokens of tokenizer.json's model vocabulary: prompt ids stay below it (CTranslate2 maps ids through it)."""
+    path = folder / "tokenizer.json"
+    try:
+        return len(json.loads(path.read_text())["model"]["vocab"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
