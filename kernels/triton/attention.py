@@ -307,6 +307,8 @@ def attention_prefill(q, k, v, key_pos, *, scale, causal, q_offset=0, alibi_slop
     mode, slopes, table, thr, nb_dir, nlog = _bias_args(q, alibi_slopes, t5_table, t5_bidirectional,
                                                         t5_max_distance)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)             # (B, H, T, D)
+    if out.numel() == 0:
+        return out
     block_d = max(16, triton.next_power_of_2(D))
     dot_f32 = q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
@@ -349,6 +351,8 @@ def attention_decode(q, k, v, key_pos, *, scale, alibi_slopes=None, t5_table=Non
         mode, dense = DENSE, bias.float()
 
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
     block_d = max(16, triton.next_power_of_2(D))
     splits = _num_splits(B * H, L, q.device)
     chunk = triton.cdiv(L, splits)
