@@ -20,6 +20,14 @@ SHAPES = {"mt5": TINY_MT5, "t5-v1.0": TINY_T5, "t5-v1.1": TINY_T5_V11,
           "mt5-deeper-decoder": dict(TINY_MT5, num_decoder_layers=3)}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: a second OpenMP thread costs more than it gives (and spins when the machine is busy)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 @pytest.fixture(scope="module")
 def tiny():
     return mt5_checkpoint(TINY_MT5, scale=2.0)  # larger weights: peakier softmax, sharper tests
