@@ -8,20 +8,13 @@ from minibloom import MinibloomError
 from minibloom.beam import beam_search
 from minibloom.checkpoints import TINY_BLOOM, TINY_MT5, bloom_checkpoint, hf_from_folder, mt5_checkpoint
 from minibloom.generate import GenerationOptions
+from test_mt5 import one_thread  # noqa: F401 (autouse fixture: tiny models run single-threaded)
 
 PROMPTS = ["Translate to English: Je t'aime.", "一个传奇的开端，一个不灭的神话",
            "Suggest at least five related search terms to \"Mạng neural nhân tạo\".", "Hi"]
 OPTIONS = [dict(), dict(length_penalty=0.5, early_stopping=True), dict(early_stopping="never", length_penalty=2.0),
            dict(num_return_sequences=4, length_penalty=-1.0), dict(repetition_penalty=1.3)]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: a second OpenMP thread costs more than it gives (and spins when the machine is busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 @pytest.fixture(scope="module", params=["mt5", "bloom"])
 def family(request):
