@@ -175,11 +175,14 @@ struct Vec {
   typedef uint32_t u __attribute__((vector_size(4 * W)));
 };
 
+// Broadcast x to all lanes, written as a shuffle so that it compiles to one vbroadcastss (a lane-by-lane
+// initialisation becomes a chain of vinsertps once inlined into the target-specific entry points).
 template <int W>
 inline typename Vec<W>::f splat(float x) {
-  typename Vec<W>::f v;
-  for (int i = 0; i < W; i++) v[i] = x;
-  return v;
+  typename Vec<W>::f v = {};
+  v[0] = x;
+  if constexpr (W == 8) return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
+  else return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
 }
 
 template <int W>
