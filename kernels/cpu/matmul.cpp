@@ -1,0 +1,539 @@
+// CPU matmul kernels: y = x @ W^T (+ b), W in PyTorch Linear layout (N, K).
+//
+//   W8A8 (LLM.int8()): per-token int8 activations x int8 weights, VNNI vpdpbusd, outlier columns fused
+//   weight-only int8:  fp32 activations x int8 weights converted in-register, fp32 FMA
+//   bf16:              bf16 x bf16 with vdpbf16ps, fp32 accumulation
+//
+// The exact semantics are the plain-PyTorch references in kernels/matmul_ref.py.
+// Plain C++ on raw pointers (no torch headers); matmul_op.cpp wraps these as torch ops.
+// SIMD functions carry per-function target attributes and are picked at run time, so the .so is built
+// without -march and still runs (scalar) on a CPU without AVX-512.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#define TGT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define TGT_F __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define TGT_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define TGT_AVX2 __attribute__((target("avx2,fma")))
+
+namespace mbmm {
+
+// Bits returned by simd_level (kept in sync with matmul.py).
+enum { SIMD_AVX512F = 1, SIMD_VNNI = 2, SIMD_BF16 = 4, SIMD_AVX2 = 8 };
+
+static int g_force_scalar = 0;
+
+static bool cpu_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+static bool use_vnni() { return !g_force_scalar && cpu_avx512() && __builtin_cpu_supports("avx512vnni"); }
+static bool use_f() { return !g_force_scalar && cpu_avx512(); }
+static bool use_bf16() { return !g_force_scalar && cpu_avx512() && __builtin_cpu_supports("avx512bf16"); }
+static bool use_avx2() { return !g_force_scalar && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+int simd_level(int force_scalar) {
+  if (force_scalar >= 0) g_force_scalar = force_scalar;
+  return (use_f() ? SIMD_AVX512F : 0) | (use_vnni() ? SIMD_VNNI : 0) | (use_bf16() ? SIMD_BF16 : 0) |
+         (use_avx2() ? SIMD_AVX2 : 0);
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, like torch's float -> bfloat16 cast.
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+static inline float load_f(const void* p, bool bf16, int64_t i) {
+  return bf16 ? bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+
+static inline void store_y(void* y, bool bf16, int64_t i, float v) {
+  if (bf16)
+    ((uint16_t*)y)[i] = f32_to_bf16(v);
+  else
+    ((float*)y)[i] = v;
+}
+
+static inline uint64_t tail_mask(int64_t n) { return n >= 64 ? ~0ULL : ((1ULL << n) - 1); }
+
+// ---------------------------------------------------------------------------------------------------------
+// Tile driver: each OpenMP thread takes whole NR-row panels of W (N is split, weights are streamed once);
+// inside a panel all M rows of x are swept in MR-row tiles, so for M <= 8 one pass over W serves every row.
+// Tile sizes keep MR*NR accumulators + NR weight registers + 1 x register within the 32 zmm registers.
+
+template <class Kern, int MR, int NR, class Ctx>
+static void drive(const Ctx& c) {
+  const int64_t panels = (c.N + NR - 1) / NR;
+  const bool par = c.N * c.K * std::max<int64_t>(c.M, 1) >= (1 << 16);  // tiny products: no fork/join
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t p = 0; p < panels; p++)
+    for (int64_t m0 = 0; m0 < c.M; m0 += MR) Kern::template tile<MR, NR>(c, m0, p * NR);
+}
+
+template <class Kern, class Ctx>
+static void run_tiles(const Ctx& c) {
+  switch (c.M) {
+    case 1: return drive<Kern, 1, 8>(c);
+    case 2: return drive<Kern, 2, 6>(c);
+    case 3: return drive<Kern, 3, 5>(c);
+    case 4: return drive<Kern, 4, 4>(c);
+    case 5: return drive<Kern, 5, 4>(c);
+    case 6: return drive<Kern, 6, 3>(c);
+    case 7: return drive<Kern, 7, 3>(c);
+    case 8: return drive<Kern, 8, 2>(c);
+    default: return drive<Kern, 4, 4>(c);
+  }
+}
+
+// AVX2 has 16 ymm registers: smaller tiles.
+template <class Kern, class Ctx>
+static void run_tiles16(const Ctx& c) {
+  switch (c.M) {
+    case 1: return drive<Kern, 1, 4>(c);
+    case 2: return drive<Kern, 2, 4>(c);
+    case 3: return drive<Kern, 3, 3>(c);
+    case 4: return drive<Kern, 4, 2>(c);
+    case 5: return drive<Kern, 5, 2>(c);
+    case 6: return drive<Kern, 6, 2>(c);
+    case 7: return drive<Kern, 7, 1>(c);
+    case 8: return drive<Kern, 8, 1>(c);
+    default: return drive<Kern, 4, 2>(c);
+  }
+}
+
+TGT_AVX2 static inline int32_t hsum_epi32(__m256i v) {
+  __m128i a = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0x4e));
+  a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0xb1));
+  return _mm_cvtsi128_si32(a);
+}
+
+TGT_AVX2 static inline float hsum_ps(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+
+// Row pointers of a tile; rows past the end are clamped to the last row (computed, never stored).
+#define TILE_ROWS(MR, NR)                                                          \
+  const int mr = (int)std::min<int64_t>(MR, c.M - m0);                             \
+  const int nr = (int)std::min<int64_t>(NR, c.N - n0);                             \
+  decltype(c.x) xr_[MR];                                                           \
+  decltype(c.w) wr_[NR];                                                           \
+  for (int i = 0; i < MR; i++) xr_[i] = c.x + std::min(m0 + i, c.M - 1) * c.K;     \
+  for (int j = 0; j < NR; j++) wr_[j] = c.w + std::min(n0 + j, c.N - 1) * c.K;
+
+// ---------------------------------------------------------------------------------------------------------
+// W8A8: activation quantization (outlier columns recorded and zeroed), then the int8 GEMM + epilogue.
+
+TGT_F static void quant_rows_avx512(const float* xf, int64_t M, int64_t K, uint8_t offset, uint8_t* q,
+                                    float* s_x) {
+  for (int64_t m = 0; m < M; m++) {
+    const float* r = xf + m * K;
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      __mmask16 mk = (__mmask16)tail_mask(K - k);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mk, r + k)));
+    }
+    float a = _mm512_reduce_max_ps(amax);
+    float s = a > 0.f ? a / 127.f : 1.f;  // divide, as the reference does
+    s_x[m] = s;
+    const __m512 vs = _mm512_set1_ps(s);
+    const __m512i off = _mm512_set1_epi32(offset);
+    for (int64_t k = 0; k < K; k += 16) {
+      __mmask16 mk = (__mmask16)tail_mask(K - k);
+      __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mk, r + k), vs);
+      v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // half to even
+      __m512i iv = _mm512_add_epi32(_mm512_cvtps_epi32(v), off);
+      _mm512_mask_cvtepi32_storeu_epi8(q + m * K + k, mk, iv);
+    }
+  }
+}
+
+TGT_AVX2 static void quant_rows_avx2(const float* xf, int64_t M, int64_t K, uint8_t offset, uint8_t* q,
+                                     float* s_x) {
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const int64_t K8 = K & ~7;
+  for (int64_t m = 0; m < M; m++) {
+    const float* r = xf + m * K;
+    __m256 amax = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K8; k += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(r + k), sign));
+    alignas(32) float t[8];
+    _mm256_store_ps(t, amax);
+    float a = 0.f;
+    for (int i = 0; i < 8; i++) a = std::max(a, t[i]);
+    for (int64_t k = K8; k < K; k++) a = std::max(a, std::fabs(r[k]));
+    float s = a > 0.f ? a / 127.f : 1.f;
+    s_x[m] = s;
+    const __m256 vs = _mm256_set1_ps(s);
+    const __m256i off = _mm256_set1_epi32(offset);
+    for (int64_t k = 0; k < K8; k += 8) {
+      __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(r + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      __m256i iv = _mm256_add_epi32(_mm256_cvtps_epi32(v), off);
+      // low byte of each int32 -> 8 bytes
+      iv = _mm256_shuffle_epi8(iv, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                    0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1));
+      const uint32_t lo = (uint32_t)_mm256_extract_epi32(iv, 0), hi = (uint32_t)_mm256_extract_epi32(iv, 4);
+      std::memcpy(q + m * K + k, &lo, 4);
+      std::memcpy(q + m * K + k + 4, &hi, 4);
+    }
+    for (int64_t k = K8; k < K; k++) {
+      __m128 v = _mm_round_ss(_mm_setzero_ps(), _mm_set_ss(r[k] / s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q[m * K + k] = (uint8_t)((int)_mm_cvtss_f32(v) + offset);
+    }
+  }
+}
+
+static void quant_rows_scalar(const float* xf, int64_t M, int64_t K, uint8_t offset, uint8_t* q, float* s_x) {
+  for (int64_t m = 0; m < M; m++) {
+    const float* r = xf + m * K;
+    float a = 0.f;
+    for (int64_t k = 0; k < K; k++) a = std::max(a, std::fabs(r[k]));
+    float s = a > 0.f ? a / 127.f : 1.f;
+    s_x[m] = s;
+    for (int64_t k = 0; k < K; k++) q[m * K + k] = (uint8_t)((int)std::nearbyint(r[k] / s) + offset);
+  }
+}
+
+// xf <- fp32 x with outlier columns zeroed (M, K); xo <- the outlier values (M, n_out); q (M, K) = xq + offset.
+static void quantize_act_impl(const void* x, bool x_bf16, int64_t M, int64_t K, float threshold, uint8_t offset,
+                              uint8_t* q, float* s_x, std::vector<int32_t>& outl, std::vector<float>& xo,
+                              std::vector<float>& xf) {
+  xf.resize(M * K);
+  for (int64_t i = 0; i < M * K; i++) xf[i] = load_f(x, x_bf16, i);
+  outl.clear();
+  if (threshold > 0.f) {
+    std::vector<float> cmax(K, 0.f);  // max_m |x[m, k]|
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t k = 0; k < K; k++) cmax[k] = std::max(cmax[k], std::fabs(xf[m * K + k]));
+    for (int64_t k = 0; k < K; k++)
+      if (cmax[k] > threshold) outl.push_back((int32_t)k);
+  }
+  const int64_t no = (int64_t)outl.size();
+  xo.resize(M * no);
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t j = 0; j < no; j++) {
+      xo[m * no + j] = xf[m * K + outl[j]];
+      xf[m * K + outl[j]] = 0.f;
+    }
+  if (use_f())
+    quant_rows_avx512(xf.data(), M, K, offset, q, s_x);
+  else if (use_avx2())
+    quant_rows_avx2(xf.data(), M, K, offset, q, s_x);
+  else
+    quant_rows_scalar(xf.data(), M, K, offset, q, s_x);
+}
+
+void quantize_activations(const void* x, bool x_bf16, int64_t M, int64_t K, float threshold, int8_t* xq,
+                          float* s_x, std::vector<int32_t>& outliers) {
+  std::vector<float> xo, xf;
+  quantize_act_impl(x, x_bf16, M, K, threshold, 0, (uint8_t*)xq, s_x, outliers, xo, xf);
+}
+
+struct W8A8 {
+  const uint8_t* x;  // (M, K) xq + x_offset
+  const int8_t* w;   // (N, K)
+  int64_t M, N, K;
+  const float *s_x, *w_scale;
+  const int32_t* outl;  // (n_out,) outlier columns
+  const float* xo;      // (M, n_out) their original values
+  int64_t n_out;
+  const void* bias;
+  bool bias_bf16;
+  void* y;
+  bool y_bf16;
+  int x_offset;  // 128 for VNNI (u8 x s8), else 0 (the bytes are xq as int8)
+
+  // y = acc * s_x[m] * w_scale[n] + x[m, O] . deq(W[n, O]) + b[n]; the same float order as the reference.
+  inline void store(int64_t m, int64_t n, int32_t acc) const {
+    float v = (float)acc * s_x[m] * w_scale[n];
+    if (n_out) {
+      float o = 0.f;
+      for (int64_t j = 0; j < n_out; j++) o += xo[m * n_out + j] * ((float)w[n * K + outl[j]] * w_scale[n]);
+      v += o;
+    }
+    if (bias) v += load_f(bias, bias_bf16, n);
+    store_y(y, y_bf16, m * N + n, v);
+  }
+};
+
+struct W8A8Vnni {
+  // vpdpbusd multiplies u8 x s8: with xu = xq + 128, sum(xq * w) = sum(xu * w) - 128 * sum(w).
+  // sum(w) comes from a second vpdpbusd with a constant 128 vector: free at M = 1 (memory-bound).
+  template <int MR, int NR>
+  TGT_VNNI static void tile(const W8A8& c, int64_t m0, int64_t n0) {
+    TILE_ROWS(MR, NR)
+    __m512i acc[MR][NR], corr[NR];
+    for (int j = 0; j < NR; j++) {
+      corr[j] = _mm512_setzero_si512();
+      for (int i = 0; i < MR; i++) acc[i][j] = _mm512_setzero_si512();
+    }
+    const __m512i c128 = _mm512_set1_epi8((char)0x80);
+    for (int64_t k = 0; k < c.K; k += 64) {
+      const __mmask64 mk = tail_mask(c.K - k);  // K tail: both operands zero
+      __m512i wv[NR];
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; j++) {
+        wv[j] = _mm512_maskz_loadu_epi8(mk, wr_[j] + k);
+        corr[j] = _mm512_dpbusd_epi32(corr[j], c128, wv[j]);
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; i++) {
+        const __m512i xv = _mm512_maskz_loadu_epi8(mk, xr_[i] + k);
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv, wv[j]);
+      }
+    }
+    for (int j = 0; j < nr; j++) {
+      const int32_t cj = _mm512_reduce_add_epi32(corr[j]);
+      for (int i = 0; i < mr; i++) c.store(m0 + i, n0 + j, _mm512_reduce_add_epi32(acc[i][j]) - cj);
+    }
+  }
+};
+
+struct W8A8Avx2 {
+  // No VNNI: sign-extend both to int16 and vpmaddwd (exact; vpmaddubsw would saturate).
+  template <int MR, int NR>
+  TGT_AVX2 static void tile(const W8A8& c, int64_t m0, int64_t n0) {
+    TILE_ROWS(MR, NR)
+    __m256i acc[MR][NR];
+    for (int i = 0; i < MR; i++)
+      for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_si256();
+    const int64_t K16 = c.K & ~15;
+    for (int64_t k = 0; k < K16; k += 16) {
+      __m256i wv[NR];
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; j++) wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wr_[j] + k)));
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; i++) {
+        const __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(xr_[i] + k)));
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(xv, wv[j]));
+      }
+    }
+    for (int i = 0; i < mr; i++)
+      for (int j = 0; j < nr; j++) {
+        int32_t a = hsum_epi32(acc[i][j]);
+        for (int64_t k = K16; k < c.K; k++) a += (int32_t)(int8_t)xr_[i][k] * (int32_t)wr_[j][k];
+        c.store(m0 + i, n0 + j, a);
+      }
+  }
+};
+
+struct W8A8Scalar {
+  template <int MR, int NR>
+  static void tile(const W8A8& c, int64_t m0, int64_t n0) {
+    TILE_ROWS(MR, NR)
+    for (int i = 0; i < mr; i++)
+      for (int j = 0; j < nr; j++) {
+        int32_t acc = 0;
+        for (int64_t k = 0; k < c.K; k++) acc += (int32_t)(int8_t)(uint8_t)(xr_[i][k] - c.x_offset) * (int32_t)wr_[j][k];
+        c.store(m0 + i, n0 + j, acc);
+      }
+  }
+};
+
+void linear_w8a8(const void* x, bool x_bf16, const int8_t* w, const float* w_scale, const void* bias,
+                 bool bias_bf16, float threshold, int64_t M, int64_t N, int64_t K, void* y) {
+  const int offset = use_vnni() ? 128 : 0;
+  std::vector<uint8_t> q(M * K);
+  std::vector<float> s_x(M), xo, xf;
+  std::vector<int32_t> outl;
+  quantize_act_impl(x, x_bf16, M, K, threshold, (uint8_t)offset, q.data(), s_x.data(), outl, xo, xf);
+  const W8A8 c{q.data(), w, M, N, K, s_x.data(), w_scale, outl.data(), xo.data(), (int64_t)outl.size(),
+               bias, bias_bf16, y, x_bf16, offset};
+  if (use_vnni())
+    run_tiles<W8A8Vnni>(c);
+  else if (use_avx2())
+    run_tiles16<W8A8Avx2>(c);
+  else
+    run_tiles<W8A8Scalar>(c);
+}
+
+// fp32-FMA tiles shared by weight-only int8 (x fp32, w int8) and bf16 (x, w bf16) on AVX2 and scalar.
+static inline float to_f(float v) { return v; }
+static inline float to_f(int8_t v) { return (float)v; }
+static inline float to_f(uint16_t v) { return bf16_to_f32(v); }
+TGT_AVX2 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+TGT_AVX2 static inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+TGT_AVX2 static inline __m256 load8(const uint16_t* p) {  // bf16 -> fp32 is a 16-bit shift
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+struct FmaAvx2 {
+  template <int MR, int NR, class Ctx>
+  TGT_AVX2 static void tile(const Ctx& c, int64_t m0, int64_t n0) {
+    TILE_ROWS(MR, NR)
+    __m256 acc[MR][NR];
+    for (int i = 0; i < MR; i++)
+      for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();
+    const int64_t K8 = c.K & ~7;
+    for (int64_t k = 0; k < K8; k += 8) {
+      __m256 wv[NR];
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; j++) wv[j] = load8(wr_[j] + k);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; i++) {
+        const __m256 xv = load8(xr_[i] + k);
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+      }
+    }
+    for (int i = 0; i < mr; i++)
+      for (int j = 0; j < nr; j++) {
+        float a = hsum_ps(acc[i][j]);
+        for (int64_t k = K8; k < c.K; k++) a += to_f(xr_[i][k]) * to_f(wr_[j][k]);
+        c.store(m0 + i, n0 + j, a);
+      }
+  }
+};
+
+struct FmaScalar {
+  template <int MR, int NR, class Ctx>
+  static void tile(const Ctx& c, int64_t m0, int64_t n0) {
+    TILE_ROWS(MR, NR)
+    for (int i = 0; i < mr; i++)
+      for (int j = 0; j < nr; j++) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < c.K; k++) acc += to_f(xr_[i][k]) * to_f(wr_[j][k]);
+        c.store(m0 + i, n0 + j, acc);
+      }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Weight-only int8: y = (x @ wq^T) * w_scale (+ b), x in fp32, int8 -> fp32 in registers, fp32 FMA.
+
+struct WInt8 {
+  const float* x;   // (M, K)
+  const int8_t* w;  // (N, K)
+  int64_t M, N, K;
+  const float* w_scale;
+  const void* bias;
+  bool bias_bf16;
+  void* y;
+  bool y_bf16;
+
+  inline void store(int64_t m, int64_t n, float acc) const {
+    float v = acc * w_scale[n];
+    if (bias) v += load_f(bias, bias_bf16, n);
+    store_y(y, y_bf16, m * N + n, v);
+  }
+};
+
+struct WInt8Avx512 {
+  template <int MR, int NR>
+  TGT_F static void tile(const WInt8& c, int64_t m0, int64_t n0) {
+    TILE_ROWS(MR, NR)
+    __m512 acc[MR][NR];
+    for (int i = 0; i < MR; i++)
+      for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < c.K; k += 16) {
+      const __mmask16 mk = (__mmask16)tail_mask(c.K - k);
+      __m512 wv[NR];
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; j++)
+        wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, wr_[j] + k)));
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; i++) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mk, xr_[i] + k);
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+      }
+    }
+    for (int i = 0; i < mr; i++)
+      for (int j = 0; j < nr; j++) c.store(m0 + i, n0 + j, _mm512_reduce_add_ps(acc[i][j]));
+  }
+};
+
+void linear_int8_weight(const void* x, bool x_bf16, const int8_t* w, const float* w_scale, const void* bias,
+                        bool bias_bf16, int64_t M, int64_t N, int64_t K, void* y) {
+  std::vector<float> xf;
+  if (x_bf16) {  // (M, K) is small next to W: convert once
+    xf.resize(M * K);
+    for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(((const uint16_t*)x)[i]);
+    x = xf.data();
+  }
+  const WInt8 c{(const float*)x, w, M, N, K, w_scale, bias, bias_bf16, y, x_bf16};
+  if (use_f())
+    run_tiles<WInt8Avx512>(c);
+  else if (use_avx2())
+    run_tiles16<FmaAvx2>(c);
+  else
+    run_tiles<FmaScalar>(c);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// bf16: y = x @ w^T (+ b), bf16 in, fp32 accumulation (vdpbf16ps: pairs of bf16 products), bf16 out.
+
+struct Bf16 {
+  const uint16_t* x;  // (M, K)
+  const uint16_t* w;  // (N, K)
+  int64_t M, N, K;
+  const void* bias;
+  bool bias_bf16;
+  void* y;  // bf16 (M, N)
+
+  inline void store(int64_t m, int64_t n, float acc) const {
+    if (bias) acc += load_f(bias, bias_bf16, n);
+    store_y(y, true, m * N + n, acc);
+  }
+};
+
+struct Bf16Avx512 {
+  template <int MR, int NR>
+  TGT_BF16 static void tile(const Bf16& c, int64_t m0, int64_t n0) {
+    TILE_ROWS(MR, NR)
+    __m512 acc[MR][NR];
+    for (int i = 0; i < MR; i++)
+      for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < c.K; k += 32) {
+      const __mmask32 mk = (__mmask32)tail_mask(c.K - k);  // odd K: the missing half of a pair is zero
+      __m512i wv[NR];
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; j++) wv[j] = _mm512_maskz_loadu_epi16(mk, wr_[j] + k);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; i++) {
+        const __m512i xv = _mm512_maskz_loadu_epi16(mk, xr_[i] + k);
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv, (__m512bh)wv[j]);
+      }
+    }
+    for (int i = 0; i < mr; i++)
+      for (int j = 0; j < nr; j++) c.store(m0 + i, n0 + j, _mm512_reduce_add_ps(acc[i][j]));
+  }
+};
+
+void linear_bf16(const uint16_t* x, const uint16_t* w, const void* bias, bool bias_bf16, int64_t M, int64_t N,
+                 int64_t K, uint16_t* y) {
+  const Bf16 c{x, w, M, N, K, bias, bias_bf16, y};
+  if (use_bf16())
+    run_tiles<Bf16Avx512>(c);
+  else if (use_avx2())
+    run_tiles16<FmaAvx2>(c);
+  else
+    run_tiles<FmaScalar>(c);
+}
+
+}  // namespace mbmm

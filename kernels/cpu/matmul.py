@@ -1,0 +1,182 @@
+"""CPU matmul kernels: LLM.int8() W8A8, weight-only int8 and bf16, y = x @ W^T (+ b) with W (N, K).
+
+Implements kernels/matmul_ref.py (quantize_rows_ref, linear_w8a8_ref, linear_int8_weight_ref, linear_bf16_ref)
+with C kernels (matmul.cpp: AVX-512 VNNI/BF16, AVX2, scalar fallback, picked at run time; OpenMP over output
+rows) registered as torch.ops.minibloom_matmul.* through the stable ABI (matmul_op.cpp), JIT-built on first use.
+x may have leading batch dims; it is flattened to (M, K). Decode (small M) is the target: every x row is
+processed in one pass over the weights. Above a measured M the wrappers hand the GEMM to a stock op with the
+same semantics (see PREFILL_MIN_ROWS and MATMUL.md).
+Set MINIBLOOM_FORCE_SCALAR=1 (or call set_force_scalar(True)) to run the scalar fallback.
+"""
+import os
+
+import torch
+
+from . import _jit
+
+_SOURCES = ["matmul.cpp", "matmul_op.cpp"]
+_state: tuple[bool, str] | None = None
+
+# Bits of torch.ops.minibloom_matmul.simd_level (matmul.cpp).
+_AVX512F, _VNNI, _BF16, _AVX2 = 1, 2, 4, 8
+
+# From this many rows of x on, the wrappers use stock ops with the same semantics (measured, MATMUL.md):
+# W8A8 -> our quantization + torch._int_mm (exact int32) + the same fp32 epilogue; bf16 -> F.linear.
+PREFILL_MIN_ROWS = {"w8a8": 1 << 62, "bf16": 1 << 62, "int8_weight": 1 << 62}
+
+
+def _load() -> tuple[bool, str]:
+    global _state
+    if _state is None:
+        try:
+            _state = _jit.load_extension("minibloom_matmul", _SOURCES)
+            if _state[0]:
+                _register_fakes()
+                torch.ops.minibloom_matmul.simd_level(int(os.environ.get("MINIBLOOM_FORCE_SCALAR", "0") == "1"))
+        except Exception as e:  # available() must never raise
+            _state = (False, f"loading the minibloom_matmul kernels failed: {e}")
+    return _state
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") if the kernels are built and loaded, else (False, why). Never raises."""
+    return _load()
+
+
+def _ops():
+    ok, reason = _load()
+    if not ok:
+        raise RuntimeError(f"CPU matmul kernels unavailable: {reason}. Use the reference backend instead.")
+    return torch.ops.minibloom_matmul
+
+
+def set_force_scalar(flag: bool) -> None:
+    """Run the scalar C fallback instead of the SIMD kernels (tests, debugging)."""
+    _ops().simd_level(int(bool(flag)))
+
+
+def simd_path() -> str:
+    """The kernel family in use: 'avx512' (+vnni, +bf16), 'avx2' or 'scalar'."""
+    bits = _ops().simd_level(-1)
+    if bits & _AVX512F:
+        return "+".join(["avx512"] + [n for b, n in ((_VNNI, "vnni"), (_BF16, "bf16")) if bits & b])
+    return "avx2" if bits & _AVX2 else "scalar"
+
+
+def _register_fakes():
+    # Shapes only, so torch.compile can trace through the ops.
+    @torch.library.register_fake("minibloom_matmul::quantize_activations")
+    def _(x, threshold):
+        n_out = torch.library.get_ctx().new_dynamic_size()
+        return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32),
+                x.new_empty(n_out, dtype=torch.int32))
+
+    @torch.library.register_fake("minibloom_matmul::linear_w8a8")
+    def _(x, wq, w_scale, bias, threshold):
+        return x.new_empty(x.shape[0], wq.shape[0])
+
+    @torch.library.register_fake("minibloom_matmul::linear_int8_weight")
+    def _(x, wq, w_scale, bias):
+        return x.new_empty(x.shape[0], wq.shape[0])
+
+    @torch.library.register_fake("minibloom_matmul::linear_bf16")
+    def _(x, w, bias):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+
+# --- validation -----------------------------------------------------------------------------------------------
+
+def _check_x(x, K, dtypes, fn):
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu":
+        raise ValueError(f"{fn}: x must be a CPU tensor; move it with x.cpu() or use the GPU kernels")
+    if x.dtype not in dtypes:
+        names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{fn}: x must be {names}, got {x.dtype}; convert it with x.to(...)")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"{fn}: x's last dim must equal the weight's in_features K={K}, got shape {tuple(x.shape)}")
+    return x.reshape(-1, K).contiguous()                                          # (M, K)
+
+
+def _check_w(w, dtype, fn, name="wq"):
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype != dtype or w.device.type != "cpu":
+        raise ValueError(f"{fn}: {name} must be a 2-D {dtype} CPU tensor (N, K) in Linear layout"
+                         + (", e.g. from quantize_rows(w)" if dtype == torch.int8 else ""))
+    return w.contiguous()
+
+
+def _check_vec(v, N, dtypes, fn, name):
+    if v is None:
+        return None
+    if not isinstance(v, torch.Tensor) or v.shape != (N,) or v.dtype not in dtypes or v.device.type != "cpu":
+        names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{fn}: {name} must be a ({N},) {names} CPU tensor, got "
+                         f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+    return v.contiguous()
+
+
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
+# --- public API -----------------------------------------------------------------------------------------------
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> (wq int8 (N, K), scale fp32 (N,)); scale = absmax(row)/127 (zero row -> 1). Load time."""
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+        raise ValueError("quantize_rows: w must be a 2-D floating-point tensor (N, K) in Linear layout")
+    from ..matmul_ref import quantize_rows_ref
+    return quantize_rows_ref(w)
+
+
+def quantize_activations(x: torch.Tensor, threshold: float = 6.0):
+    """x (M, K) fp32|bf16 -> (xq int8 (M, K), s_x fp32 (M,), outlier columns int32): linear_w8a8's first step."""
+    x2 = _check_x(x, x.shape[-1] if isinstance(x, torch.Tensor) else -1, _FLOATS, "quantize_activations")
+    return _ops().quantize_activations(x2, float(threshold))
+
+
+def linear_w8a8(x, wq, w_scale, bias=None, threshold=6.0):
+    """LLM.int8() y = x @ deq(wq)^T + b: per-token int8 activations, outlier columns (|x| > threshold) in fp32."""
+    wq = _check_w(wq, torch.int8, "linear_w8a8")
+    N, K = wq.shape
+    x2 = _check_x(x, K, _FLOATS, "linear_w8a8")
+    w_scale = _check_vec(w_scale, N, (torch.float32,), "linear_w8a8", "w_scale")
+    bias = _check_vec(bias, N, _FLOATS, "linear_w8a8", "bias")
+    if x2.shape[0] >= PREFILL_MIN_ROWS["w8a8"]:
+        y = _w8a8_int_mm(x2, wq, w_scale, bias, float(threshold))
+    else:
+        y = _ops().linear_w8a8(x2, wq, w_scale, bias, float(threshold))
+    return y.reshape(*x.shape[:-1], N)
+
+
+def _w8a8_int_mm(x2, wq, w_scale, bias, threshold):
+    # Prefill: the same quantization (our kernel), torch._int_mm for the exact int32 GEMM, the same fp32 epilogue.
+    xq, s_x, outliers = _ops().quantize_activations(x2, threshold)
+    y = torch._int_mm(xq, wq.t()).float() * s_x[:, None] * w_scale[None, :]     # (M, N)
+    if outliers.numel():
+        o = outliers.long()
+        y = y + x2[:, o].float() @ (wq[:, o].float() * w_scale[:, None]).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x2.dtype)
+
+
+def linear_int8_weight(x, wq, w_scale, bias=None):
+    """Weight-only int8: y = (x @ wq^T) * w_scale (+ b), x fp32|bf16, fp32 accumulation, y in x's dtype."""
+    wq = _check_w(wq, torch.int8, "linear_int8_weight")
+    N, K = wq.shape
+    x2 = _check_x(x, K, _FLOATS, "linear_int8_weight")
+    w_scale = _check_vec(w_scale, N, (torch.float32,), "linear_int8_weight", "w_scale")
+    bias = _check_vec(bias, N, _FLOATS, "linear_int8_weight", "bias")
+    return _ops().linear_int8_weight(x2, wq, w_scale, bias).reshape(*x.shape[:-1], N)
+
+
+def linear_bf16(x, w, bias=None):
+    """y = x @ w^T (+ b): bf16 x and w, fp32 accumulation, bf16 out."""
+    w = _check_w(w, torch.bfloat16, "linear_bf16", name="w")
+    N, K = w.shape
+    x2 = _check_x(x, K, (torch.bfloat16,), "linear_bf16")
+    bias = _check_vec(bias, N, _FLOATS, "linear_bf16", "bias")
+    if x2.shape[0] >= PREFILL_MIN_ROWS["bf16"]:
+        y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(torch.bfloat16))
+    else:
+        y = _ops().linear_bf16(x2, w, bias)
+    return y.reshape(*x.shape[:-1], N)

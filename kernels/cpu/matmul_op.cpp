@@ -1,0 +1,117 @@
+// torch.ops.minibloom_matmul.*: stable-ABI wrappers around the kernels in matmul.cpp.
+// Only the stable headers (not torch/extension.h): a cold build takes ~2 s instead of ~26 s.
+// Shape/dtype validation with user-facing messages lives in matmul.py; the checks here are a safety net.
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+using torch::stable::Tensor;
+using torch::headeronly::ScalarType;
+
+namespace mbmm {  // matmul.cpp
+int simd_level(int force_scalar);
+void quantize_activations(const void* x, bool x_bf16, int64_t M, int64_t K, float threshold, int8_t* xq,
+                          float* s_x, std::vector<int32_t>& outliers);
+void linear_w8a8(const void* x, bool x_bf16, const int8_t* w, const float* w_scale, const void* bias,
+                 bool bias_bf16, float threshold, int64_t M, int64_t N, int64_t K, void* y);
+void linear_int8_weight(const void* x, bool x_bf16, const int8_t* w, const float* w_scale, const void* bias,
+                        bool bias_bf16, int64_t M, int64_t N, int64_t K, void* y);
+void linear_bf16(const uint16_t* x, const uint16_t* w, const void* bias, bool bias_bf16, int64_t M, int64_t N,
+                 int64_t K, uint16_t* y);
+}  // namespace mbmm
+
+static bool is_bf16(const Tensor& t) { return t.scalar_type() == ScalarType::BFloat16; }
+
+static void check_2d(const Tensor& t, const char* name) {
+  STD_TORCH_CHECK(t.is_cpu() && t.dim() == 2 && t.is_contiguous(), name, " must be a contiguous 2-D CPU tensor");
+}
+
+// x (M, K) fp32|bf16 contiguous; returns M, K and checks w (N, K) of dtype wdt, scale (N,), bias (N,).
+static void check_args(const Tensor& x, const Tensor& w, ScalarType wdt, const Tensor* w_scale,
+                       const std::optional<Tensor>& bias) {
+  check_2d(x, "x");
+  check_2d(w, "w");
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float || is_bf16(x), "x must be float32 or bfloat16");
+  STD_TORCH_CHECK(w.scalar_type() == wdt && w.size(1) == x.size(1), "w has the wrong dtype or K");
+  if (w_scale)
+    STD_TORCH_CHECK(w_scale->scalar_type() == ScalarType::Float && w_scale->is_contiguous() &&
+                        w_scale->numel() == w.size(0),
+                    "w_scale must be float32 (N,)");
+  if (bias)
+    STD_TORCH_CHECK((bias->scalar_type() == ScalarType::Float || is_bf16(*bias)) && bias->is_contiguous() &&
+                        bias->numel() == w.size(0),
+                    "bias must be float32 or bfloat16 (N,)");
+}
+
+static const void* bias_ptr(const std::optional<Tensor>& b) { return b ? b->data_ptr() : nullptr; }
+static bool bias_bf16(const std::optional<Tensor>& b) { return b && is_bf16(*b); }
+
+int64_t simd_level(int64_t force_scalar) { return mbmm::simd_level((int)force_scalar); }
+
+std::tuple<Tensor, Tensor, Tensor> quantize_activations(Tensor x, double threshold) {
+  check_2d(x, "x");
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float || is_bf16(x), "x must be float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1);
+  Tensor xq = torch::stable::new_empty(x, {M, K}, ScalarType::Char);
+  Tensor s_x = torch::stable::new_empty(x, {M}, ScalarType::Float);
+  std::vector<int32_t> outl;
+  mbmm::quantize_activations(x.data_ptr(), is_bf16(x), M, K, (float)threshold, (int8_t*)xq.data_ptr(),
+                             (float*)s_x.data_ptr(), outl);
+  Tensor o = torch::stable::new_empty(x, {(int64_t)outl.size()}, ScalarType::Int);
+  if (!outl.empty()) std::copy(outl.begin(), outl.end(), (int32_t*)o.data_ptr());
+  return {xq, s_x, o};
+}
+
+Tensor linear_w8a8(Tensor x, Tensor wq, Tensor w_scale, std::optional<Tensor> bias, double threshold) {
+  check_args(x, wq, ScalarType::Char, &w_scale, bias);
+  const int64_t M = x.size(0), K = x.size(1), N = wq.size(0);
+  Tensor y = torch::stable::new_empty(x, {M, N});
+  mbmm::linear_w8a8(x.data_ptr(), is_bf16(x), (const int8_t*)wq.data_ptr(), (const float*)w_scale.data_ptr(),
+                    bias_ptr(bias), bias_bf16(bias), (float)threshold, M, N, K, y.data_ptr());
+  return y;
+}
+
+Tensor linear_int8_weight(Tensor x, Tensor wq, Tensor w_scale, std::optional<Tensor> bias) {
+  check_args(x, wq, ScalarType::Char, &w_scale, bias);
+  const int64_t M = x.size(0), K = x.size(1), N = wq.size(0);
+  Tensor y = torch::stable::new_empty(x, {M, N});
+  mbmm::linear_int8_weight(x.data_ptr(), is_bf16(x), (const int8_t*)wq.data_ptr(),
+                           (const float*)w_scale.data_ptr(), bias_ptr(bias), bias_bf16(bias), M, N, K,
+                           y.data_ptr());
+  return y;
+}
+
+Tensor linear_bf16(Tensor x, Tensor w, std::optional<Tensor> bias) {
+  check_args(x, w, ScalarType::BFloat16, nullptr, bias);
+  STD_TORCH_CHECK(is_bf16(x), "x must be bfloat16");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  Tensor y = torch::stable::new_empty(x, {M, N});
+  mbmm::linear_bf16((const uint16_t*)x.data_ptr(), (const uint16_t*)w.data_ptr(), bias_ptr(bias),
+                    bias_bf16(bias), M, N, K, (uint16_t*)y.data_ptr());
+  return y;
+}
+
+STABLE_TORCH_LIBRARY(minibloom_matmul, m) {
+  m.def("simd_level(int force_scalar) -> int");
+  m.def("quantize_activations(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_w8a8(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias, float threshold) -> Tensor");
+  m.def("linear_int8_weight(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias) -> Tensor");
+  m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CPU, m) {
+  m.impl("quantize_activations", TORCH_BOX(&quantize_activations));
+  m.impl("linear_w8a8", TORCH_BOX(&linear_w8a8));
+  m.impl("linear_int8_weight", TORCH_BOX(&linear_int8_weight));
+  m.impl("linear_bf16", TORCH_BOX(&linear_bf16));
+}
+
+STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CompositeExplicitAutograd, m) {
+  m.impl("simd_level", TORCH_BOX(&simd_level));  // no tensor argument to dispatch on
+}

@@ -1,0 +1,205 @@
+"""CPU matmul kernels (kernels/cpu/matmul.py) against the plain-PyTorch references (kernels/matmul_ref.py).
+
+The int32 path of W8A8 is exact: the quantized activations and int32 accumulators match the reference bit for
+bit, and the fp32 output differs at most by the rounding of the fp32 epilogue. Every case runs on the SIMD path
+of this CPU and on the forced scalar fallback.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minibloom.kernels import matmul_ref as ref
+from minibloom.kernels.cpu import matmul as mm
+
+OK, REASON = mm.available()
+needs_ext = pytest.mark.skipif(not OK, reason=f"CPU matmul extension unavailable: {REASON}")
+
+
+@pytest.fixture(params=["simd", "scalar"])
+def path(request):
+    mm.set_force_scalar(request.param == "scalar")
+    yield request.param
+    mm.set_force_scalar(False)
+
+
+def _x(M, K, dtype=torch.float32, outliers=(), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    for k in outliers:                                                            # LLM.int8()-style feature
+        x[:, k % K] *= 15
+    return x.to(dtype)
+
+
+def _w(N, K, seed=1):
+    return torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+SHAPES = [(1, 1, 1), (1, 37, 100), (3, 17, 63), (8, 33, 1030), (33, 5, 130), (2, 64, 4096)]
+
+
+# --- W8A8 ---------------------------------------------------------------------------------------------------------
+
+@needs_ext
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("threshold,outliers", [(6.0, (5, 77)), (6.0, ()), (0.0, (5,))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_matches_ref(path, M, N, K, threshold, outliers, dtype):
+    x = _x(M, K, dtype, outliers)
+    wq, ws = mm.quantize_rows(_w(N, K))
+    bias = torch.randn(N)
+    for a, b in zip(mm.quantize_activations(x, threshold), ref.quantize_activations_ref(x, threshold)):
+        assert torch.equal(a, b)                                                  # xq, s_x, outlier columns
+    if threshold > 0 and outliers:
+        assert mm.quantize_activations(x, threshold)[2].numel() > 0
+    y, r = mm.linear_w8a8(x, wq, ws, bias, threshold), ref.linear_w8a8_ref(x, wq, ws, bias, threshold)
+    assert y.dtype == dtype and y.shape == (M, N)
+    tol = 1e-6 * r.float().abs().max().item()
+    if dtype == torch.bfloat16:                                                   # one rounding of the output
+        tol = max(tol, 2 ** -7 * r.float().abs().max().item())
+    torch.testing.assert_close(y.float(), r.float(), rtol=1e-6, atol=tol)
+    if not (threshold > 0 and outliers):                                          # same fp32 ops, same order
+        assert torch.equal(mm.linear_w8a8(x, wq, ws, None, threshold), ref.linear_w8a8_ref(x, wq, ws, None, threshold))
+
+
+@needs_ext
+@pytest.mark.parametrize("M,K", [(1, 4097), (5, 300)])
+def test_w8a8_int32_accumulators_exact(path, M, K):
+    # Rows with absmax 127 and integer values quantize to themselves (s_x = 1); with w_scale = 1, y is the
+    # int32 accumulator itself (< 2^24, so exact in fp32).
+    g = torch.Generator().manual_seed(3)
+    xq = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
+    xq[:, 0] = 127
+    wq = torch.randint(-127, 128, (19, K), generator=g, dtype=torch.int8)
+    acc = xq.long() @ wq.long().t()
+    y = mm.linear_w8a8(xq.float(), wq, torch.ones(19), None, threshold=0.0)
+    assert torch.equal(y, acc.float())
+    assert torch.equal(mm._w8a8_int_mm(xq.float(), wq, torch.ones(19), None, 0.0), acc.float())
+
+
+@needs_ext
+@pytest.mark.parametrize("M", [1, 33])
+def test_w8a8_prefill_int_mm_path_same_semantics(M):
+    x = _x(M, 200, outliers=(7,))
+    wq, ws = mm.quantize_rows(_w(48, 200))
+    bias = torch.randn(48)
+    y, r = mm._w8a8_int_mm(x, wq, ws, bias, 6.0), ref.linear_w8a8_ref(x, wq, ws, bias, 6.0)
+    torch.testing.assert_close(y, r, rtol=1e-6, atol=1e-6 * r.abs().max().item())
+    assert torch.equal(mm._w8a8_int_mm(x, wq, ws, None, 0.0), ref.linear_w8a8_ref(x, wq, ws, None, 0.0))
+
+
+@needs_ext
+def test_w8a8_outliers_reduce_error():
+    x = _x(4, 512, outliers=(3, 100, 400))
+    w = _w(64, 512)
+    wq, ws = mm.quantize_rows(w)
+    exact = x @ (wq.float() * ws[:, None]).t()
+    err_with = (mm.linear_w8a8(x, wq, ws, threshold=6.0) - exact).abs().max()
+    err_without = (mm.linear_w8a8(x, wq, ws, threshold=0.0) - exact).abs().max()
+    assert err_with < err_without / 4
+
+
+# --- weight-only int8 and bf16 ------------------------------------------------------------------------------------
+
+@needs_ext
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_weight_matches_ref(path, M, N, K, dtype):
+    x = _x(M, K, dtype)
+    wq, ws = mm.quantize_rows(_w(N, K))
+    bias = torch.randn(N).to(dtype)
+    y, r = mm.linear_int8_weight(x, wq, ws, bias), ref.linear_int8_weight_ref(x, wq, ws, bias)
+    assert y.dtype == dtype and y.shape == (M, N)
+    scale = r.float().abs().max().item()
+    rtol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5                           # fp32 summation order
+    torch.testing.assert_close(y.float(), r.float(), rtol=rtol, atol=rtol * scale)
+
+
+@needs_ext
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_within_2x_torch_error(path, M, N, K, with_bias):
+    x, w = _x(M, K, torch.bfloat16), _w(N, K).bfloat16()
+    bias = torch.randn(N).bfloat16() if with_bias else None
+    y = mm.linear_bf16(x, w, bias)
+    assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+    y32 = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+    err_kernel = (y.float() - y32).abs().max().item()
+    err_torch = (F.linear(x, w, bias).float() - y32).abs().max().item()
+    assert err_kernel <= 2 * err_torch + 1e-6
+    r = ref.linear_bf16_ref(x, w, bias).float()
+    torch.testing.assert_close(y.float(), r, rtol=2 ** -7, atol=2 ** -7 * r.abs().max().item())
+
+
+# --- API ----------------------------------------------------------------------------------------------------------
+
+@needs_ext
+def test_leading_batch_dims_and_simd_switch():
+    x = _x(6, 40).reshape(2, 3, 40)
+    wq, ws = mm.quantize_rows(_w(9, 40))
+    assert mm.linear_w8a8(x, wq, ws).shape == (2, 3, 9)
+    assert mm.linear_int8_weight(x, wq, ws).shape == (2, 3, 9)
+    assert mm.linear_bf16(x.bfloat16(), _w(9, 40).bfloat16()).shape == (2, 3, 9)
+    mm.set_force_scalar(True)
+    try:
+        assert mm.simd_path() == "scalar"
+    finally:
+        mm.set_force_scalar(False)
+    assert mm.simd_path() in ("avx512", "avx512+vnni", "avx512+bf16", "avx512+vnni+bf16", "avx2", "scalar")
+
+
+@needs_ext
+def test_validation_errors():
+    wq, ws = mm.quantize_rows(_w(8, 16))
+    x = _x(2, 16)
+    with pytest.raises(ValueError, match="last dim"):
+        mm.linear_w8a8(_x(2, 15), wq, ws)
+    with pytest.raises(ValueError, match="int8"):
+        mm.linear_w8a8(x, wq.float(), ws)
+    with pytest.raises(ValueError, match="w_scale"):
+        mm.linear_int8_weight(x, wq, ws[:4])
+    with pytest.raises(ValueError, match="bias"):
+        mm.linear_w8a8(x, wq, ws, bias=torch.zeros(3))
+    with pytest.raises(ValueError, match="x must be"):
+        mm.linear_w8a8(x.double(), wq, ws)
+    with pytest.raises(ValueError, match="x must be bfloat16"):
+        mm.linear_bf16(x, _w(8, 16).bfloat16())
+    with pytest.raises(ValueError, match="floating-point"):
+        mm.quantize_rows(wq)
+
+
+def test_quantize_rows_ref():
+    w = _w(5, 33)
+    w[2] = 0
+    wq, s = ref.quantize_rows_ref(w)
+    assert wq.dtype == torch.int8 and s[2] == 1 and wq[2].abs().sum() == 0
+    assert torch.equal(wq, torch.round(w / s[:, None]).to(torch.int8))
+    assert wq.abs().amax(dim=1)[[0, 1, 3, 4]].eq(127).all()
+
+
+@needs_ext
+def test_fake_impls_trace_under_fake_tensor_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    ops = torch.ops.minibloom_matmul
+    with FakeTensorMode(shape_env=ShapeEnv()):
+        x, xb = torch.empty(3, 64), torch.empty(3, 64, dtype=torch.bfloat16)
+        wq, ws, wb = torch.empty(10, 64, dtype=torch.int8), torch.empty(10), torch.empty(10, 64, dtype=torch.bfloat16)
+        assert ops.linear_w8a8(xb, wq, ws, None, 6.0).shape == (3, 10)
+        assert ops.linear_w8a8(xb, wq, ws, None, 6.0).dtype == torch.bfloat16
+        assert ops.linear_int8_weight(x, wq, ws, ws).shape == (3, 10)
+        assert ops.linear_bf16(xb, wb, None).dtype == torch.bfloat16
+        xq, s_x, outl = ops.quantize_activations(x, 6.0)
+        assert xq.shape == (3, 64) and xq.dtype == torch.int8 and s_x.shape == (3,) and outl.dtype == torch.int32
+
+
+def test_unavailable_extension_reports_reason(monkeypatch):
+    monkeypatch.setattr(mm, "_state", None)
+    monkeypatch.setattr(mm._jit, "load_extension", lambda name, sources: (False, "no C/C++ compiler found"))
+    assert mm.available() == (False, "no C/C++ compiler found")
+    with pytest.raises(RuntimeError, match="no C/C\\+\\+ compiler found"):
+        mm.linear_bf16(torch.zeros(1, 4, dtype=torch.bfloat16), torch.zeros(2, 4, dtype=torch.bfloat16))
+    monkeypatch.setattr(mm, "_state", None)
+    monkeypatch.setattr(mm._jit, "load_extension", lambda name, sources: 1 / 0)
+    ok, reason = mm.available()                                                   # never raises
+    assert not ok and "division by zero" in reason
