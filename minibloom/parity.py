@@ -398,13 +398,9 @@ def write_json(r: Report, path):
 
 def plot(r: Report, path):
     """Per-layer relative and max-abs differences on a log scale, with the tolerance. Exact zeros sit on the floor."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise MinibloomError("--plot needs matplotlib, which is not installed: pip install 'minibloom[parity]' "
-                             "(or leave out --plot)") from e
+    from .inspect_model import pyplot
+
+    plt = pyplot()
     names = [l.name for l in r.layers]
     nonzero = [v for l in r.layers for v in (l.rel, l.max_abs) if 0 < v < math.inf]
     floor = min(nonzero + [r.tolerance]) / 10
@@ -481,6 +477,9 @@ def run(args) -> int:
     if args.tolerance is not None and not args.tolerance >= 0:
         raise MinibloomError(f"--tolerance {args.tolerance}: must be >= 0")
     import_transformers()
+    if args.plot:
+        from .inspect_model import pyplot
+        pyplot()  # fail before the long run, not after it
     prompts = read_prompts(args.prompts) if args.prompts else PROMPTS
     lm = load_from_args(args)
     reference = args.reference_model or args.model
