@@ -69,6 +69,16 @@ inline const void* offset(const void* p, bool bf16, int64_t elems) {
   return (const char*)p + elems * (bf16 ? 2 : 4);
 }
 
+// out[o0 : o0 + D] = acc * inv, rounded to out's dtype.
+inline void store_row(void* out, bool bf16, int64_t o0, const float* acc, int64_t D, float inv) {
+  for (int64_t d = 0; d < D; d++) {
+    if (bf16)
+      ((uint16_t*)out)[o0 + d] = f32_to_bf16(acc[d] * inv);
+    else
+      ((float*)out)[o0 + d] = acc[d] * inv;
+  }
+}
+
 // T5 relative-position bucket, exactly as transformers' _relative_position_bucket (fp32 log, trunc).
 int t5_bucket(int64_t rel, bool bidirectional, int num_buckets, int max_distance) {
   int nb = num_buckets, bucket = 0;
@@ -426,7 +436,8 @@ const Ops& ops() {
 
 // ---------------------------------------------------------------------------------------------------------
 // Decode: work item = (b, h, chunk of keys). The chunks split the keys of a row when B*H alone cannot keep all
-// threads busy (split-K); each item leaves (m, l, O) and a combine step merges them per (b, h).
+// threads busy (split-K); each item leaves (m, l, O) and a combine step merges them per (b, h). With one
+// chunk per row the item writes its output directly: one OpenMP region per call.
 
 struct Partial {
   float m, l;
@@ -501,7 +512,9 @@ extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void*
       op.pv(o, s, &corr, offset(vp, bf16, jb * v_st[2]), v_st[2], 1, n, (int)D, bf16);
     }
     part[it] = {m, l};
+    if (nc == 1) store_row(out, bf16, bh * D, o, D, l > 0.f ? 1.f / l : 0.f);  // all keys masked -> 0
   }
+  if (nc == 1) return;
 
   // Combine the chunks of each (b, h): out = sum_c exp(m_c - M) O_c / sum_c exp(m_c - M) l_c.
 #pragma omp parallel for schedule(static)
@@ -520,13 +533,7 @@ extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void*
         for (int64_t d = 0; d < D; d++) acc[d] += w * oc[d];
       }
     }
-    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;  // all keys masked -> 0
-    for (int64_t d = 0; d < D; d++) {
-      if (bf16)
-        ((uint16_t*)out)[bh * D + d] = f32_to_bf16(acc[d] * inv);
-      else
-        ((float*)out)[bh * D + d] = acc[d] * inv;
-    }
+    store_row(out, bf16, bh * D, acc.data(), D, lsum > 0.f ? 1.f / lsum : 0.f);
   }
 }
 
@@ -608,14 +615,8 @@ extern "C" void mbattn_prefill(const void* q, const void* k, const void* v, void
       op.pv(O.data(), Sb, corr, offset(kv_v, bf16, j0 * v_st[2]), v_st[2], nr, n, Di, bf16);
     }
     for (int r = 0; r < nr; r++) {
-      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // fully masked query row -> 0
-      const int64_t o0 = ((bh * T) + t0 + r) * D;
-      for (int64_t d = 0; d < D; d++) {
-        if (bf16)
-          ((uint16_t*)out)[o0 + d] = f32_to_bf16(O[r * D + d] * inv);
-        else
-          ((float*)out)[o0 + d] = O[r * D + d] * inv;
-      }
+      // fully masked query row -> 0
+      store_row(out, bf16, (bh * T + t0 + r) * D, O.data() + r * D, D, l[r] > 0.f ? 1.f / l[r] : 0.f);
     }
   }
 }
