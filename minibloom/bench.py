@@ -206,6 +206,21 @@ def spawn(spec: dict, threads: int, timeout_s: float) -> dict:
         return out
 
 
+def measure(spec: dict, args) -> dict:
+    """One counted run: warm the model's files into the page cache, wait for a quiet machine, run the worker."""
+    _warm_files(spec["ct2_folder"] or spec["folder"])
+    quiet = quiet_check(args.quiet_threshold, args.wait_quiet)
+    out = spawn(spec, args.threads, args.timeout)
+    rec = {"busy_before": quiet["busy"], "waited_s": quiet["waited_s"], "loadavg": quiet["loadavg"],
+           "foreign_during": out["foreign"], "wall_s": out["wall_s"],
+           "loaded": not quiet["quiet"] or out["foreign"] > args.quiet_threshold,
+           "foreign_max": max(quiet["busy"], out["foreign"])}
+    for key in ("result", "error", "log_tail"):
+        if key in out:
+            rec[key] = out[key]
+    return rec
+
+
 def _warm_files(folder: str | None):
     """Read a model's files once so every load starts from the page cache, not from the disk."""
     if not folder:
@@ -334,7 +349,7 @@ def _label(row) -> str:
 
 
 def _ratio(x) -> str:
-    return "–" if x is None else f"{x:.2f}×"
+    return "–" if x is None else f"{x:.3g}×"
 
 
 def markdown(report: dict) -> str:
@@ -515,9 +530,16 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--floor-mib", type=positive_int, default=None,
                    help="buffer for the bandwidth floor (default 1024 on CPU, 4096 on CUDA)")
     p.add_argument("--timeout", type=positive_int, default=1200, help="seconds before a run is abandoned")
+    p.add_argument("--report", metavar="JSON", help="measure nothing: print the table (and --plot) of a saved --json")
 
 
 def run(args) -> int:
+    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)
+    if args.report:
+        try:
+            return show(finish(json.loads(Path(args.report).read_text())), args.plot, log)
+        except (OSError, ValueError, KeyError) as e:
+            raise MinibloomError(f"cannot read the bench report {args.report} ({e}): pass a file written by --json")
     if bool(args.model) == bool(args.shape):
         raise MinibloomError("pass either --model (a folder, Hub repo id or family name) or --shape "
                              f"({', '.join(SHAPES)}), not both and not neither")
@@ -533,7 +555,6 @@ def run(args) -> int:
         if not ok:
             missing.append(reason)
             peers.remove(peer)
-    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)
     command = command_line(args)
 
     log("preparing the checkpoint" + (" and its CTranslate2 conversions" if "ctranslate2" in peers else ""))
@@ -564,56 +585,6 @@ def run(args) -> int:
     batch_sizes, new_tokens = [B for B, _ in order], [n for _, n in order]
     floor_bytes = (args.floor_mib or (4096 if device.startswith("cuda") else 1024)) * 2**20
 
-    runs, floors, failed = [], [], []
-    broken = set()
-    for rnd in range(args.repeats):
-        quiet = quiet_check(args.quiet_threshold, args.wait_quiet)
-        fl = spawn({"task": "floor", "bytes": floor_bytes, "threads": args.threads, "repeats": 5, "device": device},
-                   args.threads, 600)
-        if "result" in fl:
-            loaded = not quiet["quiet"] or fl["foreign"] > args.quiet_threshold
-            floors.append(dict(fl["result"], round=rnd, loaded=loaded, busy_before=quiet["busy"],
-                               foreign=fl["foreign"]))
-            log(f"round {rnd + 1}/{args.repeats} floor {fl['result']['gbps']:.1f} GB/s" + (" ⚠ loaded" if loaded else ""))
-        else:
-            log(f"floor measurement failed: {fl['error']}")
-        for v in variants:
-            if v.name in broken:
-                continue
-            ckpt = prep["ct2"].get(_ct2_quant(v)) if v.engine == "ctranslate2" else folder
-            _warm_files(ckpt)
-            quiet = quiet_check(args.quiet_threshold, args.wait_quiet)
-            spec = {"task": "run", "engine": v.engine, "precision": v.precision, "dtype": v.dtype,
-                    "quantize": v.precision if v.precision in QUANT_MODES else None,
-                    "int8_threshold": args.int8_threshold, "backend": args.backend, "device": device,
-                    "folder": folder, "ct2_folder": ckpt, "compute_type": v.compute_type,
-                    "threads": args.threads, "batches": batches}
-            out = spawn(spec, args.threads, args.timeout)
-            rec = {"variant": v.name, "engine": v.engine, "precision": v.precision, "round": rnd,
-                   "busy_before": quiet["busy"], "waited_s": quiet["waited_s"], "loadavg": quiet["loadavg"],
-                   "foreign_during": out["foreign"], "wall_s": out["wall_s"]}
-            rec["loaded"] = not quiet["quiet"] or out["foreign"] > args.quiet_threshold
-            rec["foreign_max"] = max(quiet["busy"], out["foreign"])
-            if "result" in out:
-                rec["result"] = out["result"]
-                dec = ", ".join(f"b{b['batch']} {b['decode_s'] * 1e3:.1f}" for b in out["result"]["batches"])
-                log(f"round {rnd + 1}/{args.repeats} {v.name}: load {out['result']['load_s']:.1f} s, decode ms/token "
-                    f"{dec}" + (f" ⚠ loaded ({rec['foreign_max']:.0%} busy)" if rec["loaded"] else ""))
-            else:
-                rec["error"], rec["log_tail"] = out["error"], out["log_tail"]
-                broken.add(v.name)
-                failed.append(f"{v.name}: {out['error']}")
-                log(f"{v.name} failed: {out['error']}")
-            runs.append(rec)
-
-    if not floors:
-        raise MinibloomError("the bandwidth floor could not be measured (see the messages above)")
-    best = max(floors, key=lambda f: f["gbps"])
-    gb = [f["gbps"] for f in floors]
-    l3 = machine_info(None).get("l3_bytes")
-    floor = {"gbps": best["gbps"], "method": best["method"], "bytes": best["bytes"], "samples": len(floors),
-             "min": min(gb), "max": max(gb), "all": floors,
-             "cache_resident": bool(l3 and device == "cpu" and max(weight_bytes.values(), default=0) < l3)}
     report = {
         "version": 1, "date": datetime.date.today().isoformat(), "command": command, "device": device,
         "machine": machine_info(prep.get("device_name")),
@@ -622,17 +593,73 @@ def run(args) -> int:
                      "batch": batch_sizes, "prompt_tokens": args.prompt_tokens, "new_tokens": new_tokens,
                      "threads": args.threads, "repeats": args.repeats, "backend": args.backend,
                      "quiet_threshold": args.quiet_threshold},
-        "floor": floor, "weight_bytes_per_step": weight_bytes,
-        "missing": missing, "not_measured": not_measured, "failed": failed, "runs": runs,
+        "variants": [v.__dict__ for v in variants], "weight_bytes_per_step": weight_bytes,
+        "missing": missing, "not_measured": not_measured, "failed": [], "floor_samples": [], "runs": [],
     }
-    report["summary"] = summarize(runs, variants, batch_sizes, weight_bytes, floor["gbps"])
-    print(markdown(report), end="")
-    if args.plot:
-        problem = plot(report, args.plot) if report["summary"] else "nothing succeeded: no chart"
-        log(problem or f"chart written to {args.plot}")
+    broken = set()
+    for rnd in range(args.repeats):
+        quiet = quiet_check(args.quiet_threshold, args.wait_quiet)
+        fl = spawn({"task": "floor", "bytes": floor_bytes, "threads": args.threads, "repeats": 5, "device": device},
+                   args.threads, 600)
+        if "result" in fl:
+            loaded = not quiet["quiet"] or fl["foreign"] > args.quiet_threshold
+            report["floor_samples"].append(dict(fl["result"], round=rnd, loaded=loaded, busy_before=quiet["busy"],
+                                                foreign=fl["foreign"]))
+            log(f"round {rnd + 1}/{args.repeats} floor {fl['result']['gbps']:.1f} GB/s" + (" ⚠ loaded" if loaded else ""))
+        else:
+            log(f"floor measurement failed: {fl['error']}")
+        for v in variants:
+            if v.name in broken:
+                continue
+            spec = {"task": "run", "engine": v.engine, "precision": v.precision, "dtype": v.dtype,
+                    "quantize": v.precision if v.precision in QUANT_MODES else None,
+                    "int8_threshold": args.int8_threshold, "backend": args.backend, "device": device,
+                    "folder": folder, "ct2_folder": prep["ct2"].get(v.precision) if v.engine == "ctranslate2" else None,
+                    "compute_type": v.compute_type, "threads": args.threads, "batches": batches}
+            rec = dict(measure(spec, args), variant=v.name, engine=v.engine, precision=v.precision, round=rnd)
+            if "result" in rec:
+                dec = ", ".join(f"b{b['batch']} {b['decode_s'] * 1e3:.1f}" for b in rec["result"]["batches"])
+                log(f"round {rnd + 1}/{args.repeats} {v.name}: load {rec['result']['load_s']:.1f} s, decode ms/token "
+                    f"{dec}" + (f" ⚠ loaded ({rec['foreign_max']:.0%} busy)" if rec["loaded"] else ""))
+            else:
+                broken.add(v.name)
+                report["failed"].append(f"{v.name}: {rec['error']}")
+                log(f"{v.name} failed: {rec['error']}")
+            report["runs"].append(rec)
+            if args.json and report["floor_samples"]:  # a run cut short still leaves every sample so far
+                Path(args.json).write_text(json.dumps(finish(report), indent=1))
+
+    if not report["floor_samples"]:
+        raise MinibloomError("the bandwidth floor could not be measured (see the messages above)")
+    finish(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
         log(f"every sample written to {args.json}")
+    return show(report, args.plot, log)
+
+
+def finish(report: dict) -> dict:
+    """(Re)compute the floor and the summary from the samples in the report."""
+    floors = report["floor_samples"]
+    best = max(floors, key=lambda f: f["gbps"])
+    gb = [f["gbps"] for f in floors]
+    l3 = report["machine"].get("l3_bytes")
+    report["floor"] = {"gbps": best["gbps"], "method": best["method"], "bytes": best["bytes"],
+                       "samples": len(floors), "min": min(gb), "max": max(gb),
+                       "cache_resident": bool(l3 and report["device"] == "cpu" and
+                                              max(report["weight_bytes_per_step"].values(), default=0) < l3)}
+    variants = [Variant(**v) for v in report["variants"]]
+    report["summary"] = summarize(report["runs"], variants, report["settings"]["batch"],
+                                  report["weight_bytes_per_step"], best["gbps"])
+    return report
+
+
+def show(report: dict, plot_path: str | None, log) -> int:
+    """The Markdown table on stdout and the chart; exit status 1 when nothing was measured."""
+    print(markdown(report), end="")
+    if plot_path:
+        problem = plot(report, plot_path) if report["summary"] else "nothing succeeded: no chart"
+        log(problem or f"chart written to {plot_path}")
     return 0 if report["summary"] else 1
 
 
@@ -650,10 +677,6 @@ def command_line(args) -> str:
         if value != default:
             parts += [flag, str(value)]
     return " ".join(shlex.quote(p) for p in parts)
-
-
-def _ct2_quant(v: Variant) -> str:
-    return "int8" if v.precision == "int8" else v.precision
 
 
 def _tokenizer_size(folder: Path) -> int | None:

@@ -93,6 +93,18 @@ def test_peer_that_cannot_convert_is_reported_not_fatal(tmp_path, capsys, monkey
     assert "| minibloom (reference) | float32 |" in out and "| ctranslate2" not in out
 
 
+def test_saved_report_is_rendered_again(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "QUIET_WINDOW_S", 0.01)
+    monkeypatch.setattr(bench, "spawn", fake_spawn(bloom_checkpoint(TINY_BLOOM)))
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", *TINY, "--peers", "none", "--json", str(path)]) == 0
+    first = capsys.readouterr().out
+    assert cli.main(["bench", "--report", str(path)]) == 0
+    assert capsys.readouterr().out == first
+    assert cli.main(["bench", "--report", str(tmp_path / "nope.json")]) == 2
+    assert "pass a file written by --json" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (("--shape", "tiny-bloom", "--model", "x"), "either --model"),
     (("--batch", "1,8", "--new-tokens", "1,2,3"), "--new-tokens has 3 values"),
