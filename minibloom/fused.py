@@ -74,6 +74,11 @@ class FusedBackend(ops.Backend):
             return self.attn.attention_decode(q[:, :, 0], k, v, key_pos, scale=1.0, **t5)[:, :, None]
         return self.attn.attention_prefill(q, k, v, key_pos, scale=1.0, causal=causal, q_offset=q_offset, **t5)
 
+    def linear_int8(self, x, layer):
+        if layer.quant == "int8":
+            return self.mm.linear_w8a8(x, layer.weight, layer.weight_scale, layer.bias, layer.threshold)
+        return self.mm.linear_int8_weight(x, layer.weight, layer.weight_scale, layer.bias)
+
     def linear(self, x, layer):
         w = layer.weight
         if w.dtype == torch.int8:

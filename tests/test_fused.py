@@ -1,0 +1,71 @@
+"""Whole models with backend="fused" (the kernels in minibloom.kernels) against transformers and the reference."""
+import pytest
+import torch
+
+import minibloom
+from minibloom import MinibloomError, fused
+from minibloom.checkpoints import TINY_BLOOM, TINY_MT5, bloom_checkpoint, hf_from_folder, mt5_checkpoint
+
+pytestmark = pytest.mark.skipif(not fused.available(torch.device("cpu"))[0],
+                                reason=f"CPU kernels unavailable: {fused.available(torch.device('cpu'))[1]}")
+PROMPTS = ["Translate to English: Je t'aime.", "一个传奇的开端，一个不灭的神话", "Hi"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bloom_fused_fp32_matches_transformers():
+    folder = bloom_checkpoint(TINY_BLOOM, scale=3.0)
+    lm = minibloom.load(folder, dtype="float32", backend="fused")
+    assert lm.model.backend.name == "fused"
+    hf = hf_from_folder(folder)
+    ids, mask = lm.encode_batch(PROMPTS)
+    with torch.no_grad():
+        ours, theirs = lm.model(ids, mask), hf(input_ids=ids, attention_mask=mask).logits
+    assert (ours - theirs)[mask.bool()].abs().max() <= 1e-4
+    with torch.no_grad():
+        expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                               eos_token_id=2, pad_token_id=3)[:, ids.shape[1]:]
+    assert torch.equal(lm.generate_ids(ids, mask, max_new_tokens=16), expected)
+
+
+def test_mt5_fused_fp32_matches_transformers():
+    folder = mt5_checkpoint(TINY_MT5)
+    lm = minibloom.load(folder, dtype="float32", backend="fused")
+    hf = hf_from_folder(folder)
+    ids, mask = lm.encode_batch(["Translate to English: Je t'aime. " * 12, "Hi"])  # > 128 tokens: far buckets
+    dec = torch.tensor([[0, 5, 9, 13, 4], [0, 7, 7, 2, 11]])
+    with torch.no_grad():
+        ours = lm.model(ids, mask, decoder_input_ids=dec)
+        theirs = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert (ours - theirs).abs().max() <= 1e-4
+    with torch.no_grad():
+        expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)[:, 1:]
+    assert torch.equal(lm.generate_ids(ids, mask, max_new_tokens=12), expected)
+
+
+def test_bloom_fused_bf16_close_to_reference():
+    folder = bloom_checkpoint(TINY_BLOOM, scale=3.0)
+    ref = minibloom.load(folder, dtype="bfloat16", backend="reference")
+    fus = minibloom.load(folder, dtype="bfloat16", backend="fused")
+    f32 = minibloom.load(folder, dtype="float32", backend="reference")
+    ids, mask = ref.encode_batch(PROMPTS)
+    with torch.no_grad():
+        exact = f32.model(ids, mask)[mask.bool()]
+        err_ref = (ref.model(ids, mask)[mask.bool()].float() - exact).abs().max()
+        err_fused = (fus.model(ids, mask)[mask.bool()].float() - exact).abs().max()
+    assert err_fused <= 2 * err_ref + 1e-3
+    assert fus.generate(PROMPTS, max_new_tokens=8)
+
+
+def test_fused_raises_when_kernels_are_unavailable(monkeypatch):
+    monkeypatch.setattr(fused, "available", lambda device: (False, "no compiler"))
+    with pytest.raises(MinibloomError, match="no compiler"):
+        minibloom.load(bloom_checkpoint(TINY_BLOOM), backend="fused")
+    lm = minibloom.load(bloom_checkpoint(TINY_BLOOM), backend="auto")
+    assert lm.model.backend.name == "reference"
