@@ -15,6 +15,9 @@ scales and runs through the same W8A8 path as every other Linear: one copy of th
 every decoded token. Its input is the final LayerNorm output, whose rare large features take the outlier path.
 The semantics are written out in plain PyTorch in minibloom/kernels/matmul_ref.py; kernels are tested against it.
 """
+import ctypes
+import ctypes.util
+
 import torch
 
 from . import ops
@@ -33,6 +36,7 @@ class Quantizer:
         if not threshold >= 0:
             raise MinibloomError(f"invalid int8 threshold {threshold!r}: must be >= 0 (0 disables outliers)")
         self.mode, self.threshold, self.device = mode, float(threshold), device
+        _return_freed_memory_to_the_os()
 
     def __call__(self, module, attr: str, ckpt, key: str) -> bool:
         if attr != "weight" or not isinstance(module, (ops.Linear, ops.Embedding)):
@@ -52,3 +56,14 @@ class Quantizer:
         module.quant = self.mode
         module.threshold = self.threshold
         return True
+
+
+def _return_freed_memory_to_the_os():
+    """glibc raises its mmap threshold after large frees, so the float chunks we read and drop would be served from
+    the heap, where they fragment around the int8 weights and stay counted in RSS. A fixed 1 MiB threshold keeps
+    every chunk in its own mapping, returned to the OS when freed. No-op where glibc is absent."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass

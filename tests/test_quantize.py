@@ -1,0 +1,75 @@
+"""int8 on load (LLM.int8() and weight-only), whole models: bounded logit error, generation, low peak memory."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import minibloom
+from minibloom import MinibloomError
+from minibloom.checkpoints import BLOOMZ_560M, TINY_BLOOM, TINY_MT5, bloom_checkpoint, mt5_checkpoint
+
+
+def relative_logit_error(folder, quantize, backend, prompts, **kw):
+    f32 = minibloom.load(folder, dtype="float32", backend="reference")
+    q = minibloom.load(folder, dtype="float32", backend=backend, quantize=quantize)
+    ids, mask = f32.encode_batch(prompts)
+    with torch.no_grad():
+        a, b = f32.model(ids, mask, **kw), q.model(ids, mask, **kw)
+    if not f32.is_encoder_decoder:
+        a, b = a[mask.bool()], b[mask.bool()]
+    return float((a - b).abs().max() / a.abs().max()), float((a.argmax(-1) == b.argmax(-1)).float().mean()), q
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("mode", ["int8", "int8-weight"])
+def test_bloom_int8_logits_bounded_and_generation_runs(mode, backend):
+    folder = bloom_checkpoint(TINY_BLOOM, scale=3.0)
+    err, agree, lm = relative_logit_error(folder, mode, backend, ["Translate to English: Je t'aime.", "Hi"])
+    assert err < 0.05 and agree >= 0.9
+    w = lm.model.h[0].mlp.dense_h_to_4h.weight
+    assert w.dtype == torch.int8 and lm.model.lm_head.weight is lm.model.word_embeddings.weight
+    assert len(lm.generate_ids(*lm.encode_batch(["Hello"]), max_new_tokens=6)[0]) == 6
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-weight"])
+def test_mt5_int8_without_fp32_wo(mode):
+    folder = mt5_checkpoint(TINY_MT5)
+    dec = torch.tensor([[0, 5, 9, 13]])
+    err, agree, lm = relative_logit_error(folder, mode, "auto", ["Translate to English: Je t'aime."],
+                                          decoder_input_ids=dec)
+    assert err < 0.05 and agree >= 0.75
+    assert all(m.weight.dtype == torch.int8 for n, m in lm.model.named_modules() if n.endswith(".wo"))
+    assert lm.generate("Hello", max_new_tokens=4) is not None
+
+
+def test_fused_int8_matches_reference_semantics():
+    folder = bloom_checkpoint(TINY_BLOOM, scale=3.0)
+    ref = minibloom.load(folder, dtype="float32", backend="reference", quantize="int8")
+    fus = minibloom.load(folder, dtype="float32", backend="auto", quantize="int8")
+    ids, mask = ref.encode_batch(["Translate to English: Je t'aime.", "Hi"])
+    with torch.no_grad():
+        a, b = ref.model(ids, mask)[mask.bool()], fus.model(ids, mask)[mask.bool()]
+    assert (a - b).abs().max() <= 1e-3 * a.abs().max()
+
+
+def test_bad_quantize_values():
+    folder = bloom_checkpoint(TINY_BLOOM)
+    with pytest.raises(MinibloomError, match="unknown quantize"):
+        minibloom.load(folder, quantize="int4")
+    with pytest.raises(MinibloomError, match="threshold"):
+        minibloom.load(folder, quantize="int8", int8_threshold=-1)
+
+
+def peak_rss(folder, **kw):
+    code = (f"import resource, minibloom; minibloom.load({str(folder)!r}, backend='reference', **{kw!r}); "
+            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def test_quantized_load_peak_memory_at_most_0_4x_an_fp32_load():
+    folder = bloom_checkpoint(BLOOMZ_560M, dtype=torch.float16)
+    base = peak_rss(bloom_checkpoint(TINY_BLOOM), dtype="float32")   # interpreter + torch
+    fp32 = peak_rss(folder, dtype="float32") - base
+    int8 = peak_rss(folder, dtype="float32", quantize="int8") - base
+    assert int8 <= 0.4 * fp32, int8 / fp32
