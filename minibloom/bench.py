@@ -348,6 +348,11 @@ def _label(row) -> str:
     return f"{row['engine']} ({backend})" if backend else row["engine"]
 
 
+def _mb(nbytes: float) -> str:
+    mb = nbytes / 1e6
+    return f"{mb:,.1f}" if mb >= 1 else f"{mb:.3g}"
+
+
 def _ratio(x) -> str:
     return "–" if x is None else f"{x:.3g}×"
 
@@ -361,11 +366,15 @@ def markdown(report: dict) -> str:
              f"Command: `{report['command']}`.  ",
              f"Floor: read bandwidth {fl['gbps']:.1f} GB/s (best of {fl['samples']} samples, {fl['method']}, "
              f"{fl['bytes'] / 2**20:,.0f} MiB buffer; samples {fl['min']:.1f}–{fl['max']:.1f} GB/s).  ",
-             f"Each cell: median (min–max) over {s['repeats']} runs, each a fresh process; engines alternate; "
+             f"Each cell: median (min–max) over the counted runs (*quiet runs*: quiet / counted; {s['repeats']} "
+             f"asked for), each a fresh process; engines alternate; "
              f"a warm-up generation before each timed one is not counted; greedy, exactly the new tokens asked for. "
              f"Decode ms/token is per step (one token for every sequence of the batch); *vs floor* is that time as "
              f"a % of the floor (weight bytes read per step / bandwidth; 100% = at the floor); load is process "
              f"start to model ready, from the page cache.", ""]
+    done, planned = len(report["runs"]), len(report["variants"]) * s["repeats"]
+    if done < planned and not report["failed"]:
+        lines += [f"**Partial: {done} of {planned} runs were done when this report was written.**", ""]
     if fl["cache_resident"]:
         lines += ["**The weights fit in the L3 cache: the floor does not apply to this shape (not shown).**", ""]
     for B in s["batch"]:
@@ -383,7 +392,7 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {_label(r)} | {r['precision']} | "
                 + " | ".join(_cell(f[k], FIGURES[k][1]) for k in FIGURES if k != "peak_rss_mb")
-                + f" | {floor} | {r['weight_bytes_per_token'] / 1e6:,.3g}"
+                + f" | {floor} | {_mb(r['weight_bytes_per_token'])}"
                 f" | {_cell(f['peak_rss_mb'], 0)} | {quiet} |")
         lines += ["", "Ratio of the median to the best peer's at the same precision (times, RSS: < 1 is better; "
                       "prefill tok/s: > 1 is better); last column: decode vs the fastest peer at any precision.", "",
