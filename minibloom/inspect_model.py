@@ -218,16 +218,17 @@ def plot_alibi(n_head: int, path, T: int = 24):
     heads = list(range(n_head)) if n_head <= 16 else torch.linspace(0, n_head - 1, 16).round().long().tolist()
     i, j = torch.arange(T)[:, None], torch.arange(T)[None]
     rows, cols = _grid(len(heads))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows + 0.4), dpi=80, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 1.4, 1.6 * rows + 0.4), dpi=80, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    lowest = float(-slopes[heads].max() * (T - 1))   # one color scale for every head: the slopes show
     for ax, h in zip(axes.flat, heads):
         bias = (-slopes[h] * (i - j)).masked_fill(j > i, float("nan"))
-        ax.imshow(bias.numpy(), cmap="viridis")
+        im = ax.imshow(bias.numpy(), cmap="viridis", vmin=lowest, vmax=0)
         ax.set_title(f"head {h}: slope {slopes[h]:.3g}", fontsize=7)
-    fig.suptitle(f"ALiBi bias per head (query i, key j <= i; {T} tokens){'' if n_head <= 16 else ', 16 of ' + str(n_head) + ' heads'}",
-                 fontsize=9)
-    fig.tight_layout()
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="bias added to the score")
+    shown = "" if n_head <= 16 else f", 16 of {n_head} heads"
+    fig.suptitle(f"ALiBi bias per head: -slope * (i - j), query i, key j <= i ({T} tokens{shown})", fontsize=9)
     fig.savefig(path)
     plt.close(fig)
 
