@@ -10,9 +10,6 @@ import torch.nn.functional as F
 
 from . import ops
 
-# bf16 decode matmuls with at most this many rows use the bandwidth-bound GEMV kernel; larger ones (prefill)
-# use oneDNN's GEMM, which is faster there (../kernels/MATMUL.md).
-GEMV_MAX_ROWS = 8
 
 
 def _modules(device: torch.device):
@@ -83,7 +80,7 @@ class FusedBackend(ops.Backend):
         w = layer.weight
         if w.dtype == torch.int8:
             return self.linear_int8(x, layer)
-        rows = x.numel() // x.shape[-1]
-        if self.device.type == "cpu" and w.dtype == torch.bfloat16 and rows <= GEMV_MAX_ROWS:
+        if self.device.type == "cpu" and w.dtype == torch.bfloat16:
+            # faster than oneDNN's bf16 GEMM at every row count measured, decode and prefill (kernels/MATMUL.md)
             return self.mm.linear_bf16(x, w, layer.bias)
         return F.linear(x, w, layer.bias)
