@@ -36,6 +36,12 @@ class BloomConfig:
         aliases = {"n_embed": "hidden_size", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
         d = {aliases.get(k, k): v for k, v in d.items()}
         fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d and d[k] is not None}
+        for k, v in fields.items():
+            want = type(getattr(cls, k))
+            if want is int and isinstance(v, float) and v.is_integer():
+                fields[k] = int(v)  # e.g. "vocab_size": 250880.0 written by some tools
+            elif want in (int, float) and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise MinibloomError(f"config.json: {k} must be a number, got {v!r}")
         cfg = cls(**fields)
         if cfg.hidden_size % cfg.n_head:
             raise MinibloomError(f"config.json: hidden_size {cfg.hidden_size} is not divisible by n_head {cfg.n_head}")
@@ -142,8 +148,11 @@ class Bloom(nn.Module):
     def logits(self, x):
         return self.lm_head(x)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None):
         """Logits (B, T, vocab) for every position; padding positions are garbage (masked), as in transformers."""
+        if decoder_input_ids is not None:
+            raise MinibloomError("BLOOM is decoder-only: it takes no decoder_input_ids. Append the tokens to "
+                                 "input_ids instead (decoder_input_ids is for mT5/mT0/T5)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return self.logits(self.hidden(input_ids, ops.positions_from_mask(attention_mask)))

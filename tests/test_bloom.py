@@ -150,3 +150,17 @@ def test_gpu_recipe_half_precision_close_to_transformers(tiny, dtype):
     valid = mask.bool()
     assert (ours[valid].float() - theirs[valid].float()).abs().max() < (0.1 if dtype == "bfloat16" else 0.03)
     assert lm.generate(PROMPTS, max_new_tokens=8)
+
+
+def test_encoder_decoder_only_arguments_get_a_clear_message(tiny):
+    lm = minibloom.load(tiny, dtype="float32")
+    ids, mask = lm.encode_batch(["Hi"])
+    with pytest.raises(minibloom.MinibloomError, match="decoder-only"):
+        lm.model(ids, mask, decoder_input_ids=ids)
+
+
+def test_float_integers_in_config_are_accepted():
+    from minibloom.bloom import BloomConfig
+    assert BloomConfig.from_dict({"vocab_size": 640.0, "n_embed": 64, "n_layer": 2, "n_head": 4}).vocab_size == 640
+    with pytest.raises(minibloom.MinibloomError, match="n_layer must be a number"):
+        BloomConfig.from_dict({"n_layer": "two"})
