@@ -109,7 +109,8 @@ def bench(names, M, n_layers, lm_head, reps):
 def crossover(rows=(1, 4, 8, 16, 32, 64, 128), N=4096, K=1024, reps=15):
     """Best-of-reps time of each kernel vs the stock op with the same semantics, one (hot) layer, per M.
 
-    Interleaved and best-of so that a contended machine biases both sides alike; sets PREFILL_MIN_ROWS."""
+    Interleaved and best-of so that a contended machine biases both sides alike: the measurement behind
+    matmul.PREFILL_MIN_ROWS."""
     w = torch.randn(N, K) * 0.02
     wq, ws = mm.quantize_rows(w)
     wb = w.bfloat16()

@@ -81,6 +81,6 @@ class FusedBackend(ops.Backend):
         if w.dtype == torch.int8:
             return self.linear_int8(x, layer)
         if self.device.type == "cpu" and w.dtype == torch.bfloat16:
-            # faster than oneDNN's bf16 GEMM at every row count measured, decode and prefill (kernels/MATMUL.md)
+            # ours for decode rows; from PREFILL_MIN_ROWS on, oneDNN where it is faster (kernels/MATMUL.md)
             return self.mm.linear_bf16(x, w, layer.bias)
         return F.linear(x, w, layer.bias)

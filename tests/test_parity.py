@@ -55,7 +55,11 @@ def test_mt5_encoder_decoder_and_beam_search(mt5, dtype, verdict, tmp_path, caps
     data = json.loads(js.read_text())
     assert data["verdict"] == verdict, out
     assert [l["name"] for l in data["layers"]] == MT5_LAYERS
-    assert data["beam"]["num_beams"] == 4 and data["beam"]["identical_rows"] == len(parity.PROMPTS)
+    beam = data["beam"]
+    assert beam["num_beams"] == 4 and beam["rows"] == len(parity.PROMPTS)
+    # fp16 rounding differs between CPUs: a differing beam is allowed only as a near tie (checked by the tool)
+    assert beam["identical_rows"] == len(parity.PROMPTS) or (dtype == "float16" and beam["tie"] is True
+                                                             and beam["identical_rows"] >= len(parity.PROMPTS) - 1)
     if dtype == "float16":  # mT5 fp16: our activations are fp32, transformers' fp16 with fp32 `wo` (parity.md)
         assert f"<= {parity.TOLERANCES['float16']:g}" in out
         assert 0 < max(l["rel"] for l in data["layers"]) <= parity.TOLERANCES["float16"]

@@ -21,8 +21,16 @@ _state: tuple[bool, str] | None = None
 _AVX512F, _VNNI, _BF16, _AVX2 = 1, 2, 4, 8
 
 # From this many rows of x on, the wrappers use stock ops with the same semantics (measured, MATMUL.md):
-# W8A8 -> our quantization + torch._int_mm (exact int32) + the same fp32 epilogue; bf16 -> F.linear.
-PREFILL_MIN_ROWS = {"w8a8": 1 << 62, "bf16": 1 << 62, "int8_weight": 1 << 62}
+# W8A8 -> our quantization + torch._int_mm (exact int32) + the same fp32 epilogue; bf16 -> F.linear (oneDNN).
+# Set when the kernels load, from the CPU: with AVX-512 VNNI/BF16 the stock GEMMs win from 16 rows (oneDNN's bf16
+# GEMM 7x faster at 128 rows on Sapphire Rapids); on AVX2 ours won at every row count measured (1 to 128).
+NEVER = 1 << 62
+PREFILL_MIN_ROWS = {"w8a8": NEVER, "bf16": NEVER, "int8_weight": NEVER}
+
+
+def _prefill_policy(simd_bits: int) -> dict:
+    return {"w8a8": 16 if simd_bits & _VNNI else NEVER, "bf16": 16 if simd_bits & _BF16 else NEVER,
+            "int8_weight": NEVER}
 
 
 def _load() -> tuple[bool, str]:
@@ -32,6 +40,7 @@ def _load() -> tuple[bool, str]:
             _state = _jit.load_extension("minibloom_matmul", _SOURCES)
             if _state[0]:
                 _register_fakes()
+                PREFILL_MIN_ROWS.update(_prefill_policy(torch.ops.minibloom_matmul.simd_level(0)))
                 torch.ops.minibloom_matmul.simd_level(int(os.environ.get("MINIBLOOM_FORCE_SCALAR", "0") == "1"))
         except Exception as e:  # available() must never raise
             _state = (False, f"loading the minibloom_matmul kernels failed: {e}")
