@@ -66,6 +66,7 @@ def variants():
 
     return {
         "fp32 F.linear": (lambda w: w, lambda x, w: F.linear(x, w), torch.float32, False),
+        "ours fp32": (lambda w: w, lambda x, w: mm.linear_f32(x, w), torch.float32, False),
         "bf16 F.linear": (lambda w: w.bfloat16(), lambda x, w: F.linear(x, w), torch.bfloat16, False),
         "ours bf16": (lambda w: w.bfloat16(), lambda x, w: mm.linear_bf16(x, w), torch.bfloat16, False),
         "torch._int_mm (+torch quant)": (q, lambda x, s: _int_mm_linear(x, *s), torch.float32, False),

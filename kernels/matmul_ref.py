@@ -61,3 +61,11 @@ def linear_bf16_ref(x, w, bias=None):
     if bias is not None:
         y = y + bias.float()
     return y.to(torch.bfloat16)
+
+
+def linear_f32_ref(x, w, bias=None):
+    """fp32 x fp32 -> fp32 (only the summation order may differ between implementations)."""
+    y = x.float() @ w.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y

@@ -187,7 +187,35 @@ TGT_AVX2 static inline float hsum_ps(__m256 v) {
 // ---------------------------------------------------------------------------------------------------------
 // W8A8: activation quantization (outlier columns recorded and zeroed), then the int8 GEMM + epilogue.
 
-TGT_F static void quant_rows_avx512(const float* xf, int64_t M, int64_t K, int8_t* q, float* s_x) {
+// fp32 copy of x (M, K); with cmax != nullptr also the column maxima max_m |x[m, k]| (K,), in one pass.
+// max(|x|, cmax) keeps cmax on a NaN, as the scalar std::max(cmax, |x|) does.
+TGT_F static void to_f32_colmax_avx512(const void* x, bool x_bf16, int64_t M, int64_t K, float* xf, float* cmax) {
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mk = (__mmask16)tail_mask(K - k);
+      const int64_t i = m * K + k;
+      const __m512 v = x_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t*)x + i)), 16))
+                              : _mm512_maskz_loadu_ps(mk, (const float*)x + i);
+      _mm512_mask_storeu_ps(xf + i, mk, v);
+      if (cmax)
+        _mm512_mask_storeu_ps(cmax + k, mk, _mm512_max_ps(_mm512_abs_ps(v), _mm512_maskz_loadu_ps(mk, cmax + k)));
+    }
+}
+
+// Columns whose max exceeds the threshold, in increasing order.
+TGT_F static void outlier_columns_avx512(const float* cmax, int64_t K, float threshold, std::vector<int32_t>& outl) {
+  const __m512 t = _mm512_set1_ps(threshold);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mk = (__mmask16)tail_mask(K - k);
+    for (uint32_t hit = _mm512_mask_cmp_ps_mask(mk, _mm512_maskz_loadu_ps(mk, cmax + k), t, _CMP_GT_OQ); hit;
+         hit &= hit - 1)
+      outl.push_back((int32_t)(k + __builtin_ctz(hit)));
+  }
+}
+
+// q = round_half_even(x / s_x), s_x = absmax / 127 per row; sum_x (nullable) = sum_k q[m, k] for the VNNI kernels.
+TGT_F static void quant_rows_avx512(const float* xf, int64_t M, int64_t K, int8_t* q, float* s_x, int32_t* sum_x) {
   for (int64_t m = 0; m < M; m++) {
     const float* r = xf + m * K;
     __m512 amax = _mm512_setzero_ps();
@@ -199,12 +227,16 @@ TGT_F static void quant_rows_avx512(const float* xf, int64_t M, int64_t K, int8_
     float s = a > 0.f ? a / 127.f : 1.f;  // divide, as the reference does
     s_x[m] = s;
     const __m512 vs = _mm512_set1_ps(s);
+    __m512i sum = _mm512_setzero_si512();
     for (int64_t k = 0; k < K; k += 16) {
       __mmask16 mk = (__mmask16)tail_mask(K - k);
       __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mk, r + k), vs);
       v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // half to even
-      _mm512_mask_cvtepi32_storeu_epi8(q + m * K + k, mk, _mm512_cvtps_epi32(v));
+      const __m512i iv = _mm512_cvtps_epi32(v);
+      sum = _mm512_add_epi32(sum, iv);
+      _mm512_mask_cvtepi32_storeu_epi8(q + m * K + k, mk, iv);
     }
+    if (sum_x) sum_x[m] = _mm512_reduce_add_epi32(sum);
   }
 }
 
@@ -252,17 +284,24 @@ static void quant_rows_scalar(const float* xf, int64_t M, int64_t K, int8_t* q, 
 }
 
 // xf <- fp32 x with outlier columns zeroed (M, K); xo <- the outlier values (M, n_out); q (M, K) = xq.
-static void quantize_act_impl(const void* x, bool x_bf16, int64_t M, int64_t K, float threshold, int8_t* q, float* s_x, std::vector<int32_t>& outl, std::vector<float>& xo,
-                              std::vector<float>& xf) {
+// sum_x (M,), nullable, only on the AVX-512 path (the VNNI kernels need it): sum_k q[m, k].
+static void quantize_act_impl(const void* x, bool x_bf16, int64_t M, int64_t K, float threshold, int8_t* q,
+                              float* s_x, std::vector<int32_t>& outl, std::vector<float>& xo, std::vector<float>& xf,
+                              int32_t* sum_x = nullptr) {
   xf.resize(M * K);
-  for (int64_t i = 0; i < M * K; i++) xf[i] = load_f(x, x_bf16, i);
   outl.clear();
-  if (threshold > 0.f) {
-    std::vector<float> cmax(K, 0.f);  // max_m |x[m, k]|
-    for (int64_t m = 0; m < M; m++)
-      for (int64_t k = 0; k < K; k++) cmax[k] = std::max(cmax[k], std::fabs(xf[m * K + k]));
-    for (int64_t k = 0; k < K; k++)
-      if (cmax[k] > threshold) outl.push_back((int32_t)k);
+  std::vector<float> cmax(threshold > 0.f ? K : 0, 0.f);  // max_m |x[m, k]|
+  if (use_f()) {
+    to_f32_colmax_avx512(x, x_bf16, M, K, xf.data(), threshold > 0.f ? cmax.data() : nullptr);
+    if (threshold > 0.f) outlier_columns_avx512(cmax.data(), K, threshold, outl);
+  } else {
+    for (int64_t i = 0; i < M * K; i++) xf[i] = load_f(x, x_bf16, i);
+    if (threshold > 0.f) {
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) cmax[k] = std::max(cmax[k], std::fabs(xf[m * K + k]));
+      for (int64_t k = 0; k < K; k++)
+        if (cmax[k] > threshold) outl.push_back((int32_t)k);
+    }
   }
   const int64_t no = (int64_t)outl.size();
   xo.resize(M * no);
@@ -272,7 +311,7 @@ static void quantize_act_impl(const void* x, bool x_bf16, int64_t M, int64_t K, 
       xf[m * K + outl[j]] = 0.f;
     }
   if (use_f())
-    quant_rows_avx512(xf.data(), M, K, q, s_x);
+    quant_rows_avx512(xf.data(), M, K, q, s_x, sum_x);
   else if (use_avx2())
     quant_rows_avx2(xf.data(), M, K, q, s_x);
   else
@@ -424,9 +463,8 @@ void linear_w8a8(const void* x, bool x_bf16, const int8_t* w, const float* w_sca
   std::vector<int8_t> q(M * K);
   std::vector<float> s_x(M), xo, xf;
   std::vector<int32_t> outl, sum_x(M, 0);
-  quantize_act_impl(x, x_bf16, M, K, threshold, q.data(), s_x.data(), outl, xo, xf);
-  for (int64_t m = 0; m < M; m++)
-    for (int64_t k = 0; k < K; k++) sum_x[m] += q[m * K + k];
+  quantize_act_impl(x, x_bf16, M, K, threshold, q.data(), s_x.data(), outl, xo, xf,
+                    use_vnni() ? sum_x.data() : nullptr);
   const W8A8 c{q.data(), w, M, N, K, s_x.data(), w_scale, sum_x.data(), outl.data(), xo.data(),
                (int64_t)outl.size(), bias, bias_bf16, y, x_bf16};
   if (use_vnni()) {
@@ -664,6 +702,92 @@ void linear_bf16(const uint16_t* x, const uint16_t* w, const void* bias, bool bi
   const Bf16 c{x, w, M, N, K, bias, bias_bf16, y};
   if (use_bf16()) {
     if (!run_rows<Bf16Avx512>(c)) run_tiles<Bf16Avx512>(c);
+  }
+  else if (use_avx2())
+    run_tiles16<FmaAvx2>(c);
+  else
+    run_tiles<FmaScalar>(c);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// fp32: y = x @ w^T (+ b), fp32 FMA. Decode rows only (M <= 8): stock sgemv (MKL) reads W at about a third of
+// the machine's bandwidth on AMD EPYC (kernels/MATMUL.md); from PREFILL_MIN_ROWS["f32"] rows F.linear runs.
+
+struct F32 {
+  const float* x;  // (M, K)
+  const float* w;  // (N, K)
+  int64_t M, N, K;
+  const void* bias;
+  bool bias_bf16;
+  float* y;  // (M, N)
+
+  inline void store(int64_t m, int64_t n, float acc) const {
+    if (bias) acc += load_f(bias, bias_bf16, n);
+    y[m * N + n] = acc;
+  }
+};
+
+struct F32Avx512 {
+  template <int MR>
+  TGT_F static void rows(const F32& c, int64_t n_begin, int64_t n_end) {
+    constexpr int U = row_unroll<MR>();
+    for (int64_t n = n_begin; n < n_end; n++) {
+      const float* w = c.w + n * c.K;
+      __m512 acc[MR][U];
+      for (int i = 0; i < MR; i++)
+        for (int u = 0; u < U; u++) acc[i][u] = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k + 16 * U <= c.K; k += 16 * U) {
+#pragma GCC unroll 4
+        for (int u = 0; u < U; u++) {
+          _mm_prefetch((const char*)(w + k + 16 * u) + PREFETCH, _MM_HINT_T0);
+          const __m512 wv = _mm512_loadu_ps(w + k + 16 * u);
+#pragma GCC unroll 8
+          for (int i = 0; i < MR; i++)
+            acc[i][u] = _mm512_fmadd_ps(_mm512_loadu_ps(c.x + i * c.K + k + 16 * u), wv, acc[i][u]);
+        }
+      }
+      for (; k < c.K; k += 16) {
+        const __mmask16 mk = (__mmask16)tail_mask(c.K - k);
+        const __m512 wv = _mm512_maskz_loadu_ps(mk, w + k);
+        for (int i = 0; i < MR; i++)
+          acc[i][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, c.x + i * c.K + k), wv, acc[i][0]);
+      }
+      for (int i = 0; i < MR; i++) {
+        for (int u = 1; u < U; u++) acc[i][0] = _mm512_add_ps(acc[i][0], acc[i][u]);
+        c.store(i, n, _mm512_reduce_add_ps(acc[i][0]));
+      }
+    }
+  }
+
+  template <int MR, int NR>
+  TGT_F static void tile(const F32& c, int64_t m0, int64_t n0) {
+    TILE_ROWS(MR, NR)
+    __m512 acc[MR][NR];
+    for (int i = 0; i < MR; i++)
+      for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < c.K; k += 16) {
+      const __mmask16 mk = (__mmask16)tail_mask(c.K - k);
+      __m512 wv[NR];
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; j++) wv[j] = _mm512_maskz_loadu_ps(mk, wr_[j] + k);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; i++) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mk, xr_[i] + k);
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+      }
+    }
+    for (int i = 0; i < mr; i++)
+      for (int j = 0; j < nr; j++) c.store(m0 + i, n0 + j, _mm512_reduce_add_ps(acc[i][j]));
+  }
+};
+
+void linear_f32(const float* x, const float* w, const void* bias, bool bias_bf16, int64_t M, int64_t N, int64_t K,
+                float* y) {
+  const F32 c{x, w, M, N, K, bias, bias_bf16, y};
+  if (use_f()) {
+    if (!run_rows<F32Avx512>(c)) run_tiles<F32Avx512>(c);
   }
   else if (use_avx2())
     run_tiles16<FmaAvx2>(c);

@@ -1,6 +1,7 @@
 """CPU matmul kernels: LLM.int8() W8A8, weight-only int8 and bf16, y = x @ W^T (+ b) with W (N, K).
 
-Implements kernels/matmul_ref.py (quantize_rows_ref, linear_w8a8_ref, linear_int8_weight_ref, linear_bf16_ref)
+Implements kernels/matmul_ref.py (quantize_rows_ref, linear_w8a8_ref, linear_int8_weight_ref, linear_bf16_ref,
+linear_f32_ref)
 with C kernels (matmul.cpp: AVX-512 VNNI/BF16, AVX2, scalar fallback, picked at run time; OpenMP over output
 rows) registered as torch.ops.minibloom_matmul.* through the stable ABI (matmul_op.cpp), JIT-built on first use.
 x may have leading batch dims; it is flattened to (M, K). Decode (small M) is the target: every x row is
@@ -21,16 +22,18 @@ _state: tuple[bool, str] | None = None
 _AVX512F, _VNNI, _BF16, _AVX2 = 1, 2, 4, 8
 
 # From this many rows of x on, the wrappers use stock ops with the same semantics (measured, MATMUL.md):
-# W8A8 -> our quantization + torch._int_mm (exact int32) + the same fp32 epilogue; bf16 -> F.linear (oneDNN).
+# W8A8 -> our quantization + torch._int_mm (exact int32) + the same fp32 epilogue; bf16 and fp32 -> F.linear.
 # Set when the kernels load, from the CPU: with AVX-512 VNNI/BF16 the stock GEMMs win from 16 rows (oneDNN's bf16
 # GEMM 7x faster at 128 rows on Sapphire Rapids); on AVX2 ours won at every row count measured (1 to 128).
+# fp32: ours only for the decode rows (<= 8) on AVX-512, where it streams W 2-3x faster than MKL's sgemv on
+# AMD EPYC; stock F.linear everywhere else (0 = always stock).
 NEVER = 1 << 62
-PREFILL_MIN_ROWS = {"w8a8": NEVER, "bf16": NEVER, "int8_weight": NEVER}
+PREFILL_MIN_ROWS = {"w8a8": NEVER, "bf16": NEVER, "int8_weight": NEVER, "f32": 0}
 
 
 def _prefill_policy(simd_bits: int) -> dict:
     return {"w8a8": 16 if simd_bits & _VNNI else NEVER, "bf16": 16 if simd_bits & _BF16 else NEVER,
-            "int8_weight": NEVER}
+            "int8_weight": NEVER, "f32": 9 if simd_bits & _AVX512F else 0}
 
 
 def _load() -> tuple[bool, str]:
@@ -89,6 +92,10 @@ def _register_fakes():
         return x.new_empty(x.shape[0], wq.shape[0])
 
     @torch.library.register_fake("minibloom_matmul::linear_bf16")
+    def _(x, w, bias):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("minibloom_matmul::linear_f32")
     def _(x, w, bias):
         return x.new_empty(x.shape[0], w.shape[0])
 
@@ -188,4 +195,17 @@ def linear_bf16(x, w, bias=None):
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(torch.bfloat16))
     else:
         y = _ops().linear_bf16(x2, w, bias)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def linear_f32(x, w, bias=None):
+    """y = x @ w^T (+ b) in fp32: our kernel for decode rows, F.linear from PREFILL_MIN_ROWS["f32"] rows on."""
+    w = _check_w(w, torch.float32, "linear_f32", name="w")
+    N, K = w.shape
+    x2 = _check_x(x, K, (torch.float32,), "linear_f32")
+    bias = _check_vec(bias, N, _FLOATS, "linear_f32", "bias")
+    if x2.shape[0] >= PREFILL_MIN_ROWS["f32"]:
+        y = torch.nn.functional.linear(x2, w, None if bias is None else bias.float())
+    else:
+        y = _ops().linear_f32(x2, w, bias)
     return y.reshape(*x.shape[:-1], N)

@@ -22,6 +22,8 @@ void linear_w8a8(const void* x, bool x_bf16, const int8_t* w, const float* w_sca
                  bool bias_bf16, float threshold, int64_t M, int64_t N, int64_t K, void* y);
 void linear_int8_weight(const void* x, bool x_bf16, const int8_t* w, const float* w_scale, const void* bias,
                         bool bias_bf16, int64_t M, int64_t N, int64_t K, void* y);
+void linear_f32(const float* x, const float* w, const void* bias, bool bias_bf16, int64_t M, int64_t N, int64_t K,
+                float* y);
 void linear_bf16(const uint16_t* x, const uint16_t* w, const void* bias, bool bias_bf16, int64_t M, int64_t N,
                  int64_t K, uint16_t* y);
 }  // namespace mbmm
@@ -97,12 +99,23 @@ Tensor linear_bf16(Tensor x, Tensor w, std::optional<Tensor> bias) {
   return y;
 }
 
+Tensor linear_f32(Tensor x, Tensor w, std::optional<Tensor> bias) {
+  check_args(x, w, ScalarType::Float, nullptr, bias);
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float, "x must be float32");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  Tensor y = torch::stable::new_empty(x, {M, N});
+  mbmm::linear_f32((const float*)x.data_ptr(), (const float*)w.data_ptr(), bias_ptr(bias), bias_bf16(bias), M, N,
+                   K, (float*)y.data_ptr());
+  return y;
+}
+
 STABLE_TORCH_LIBRARY(minibloom_matmul, m) {
   m.def("simd_level(int force_scalar) -> int");
   m.def("quantize_activations(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)");
   m.def("linear_w8a8(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias, float threshold) -> Tensor");
   m.def("linear_int8_weight(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CPU, m) {
@@ -110,6 +123,7 @@ STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CPU, m) {
   m.impl("linear_w8a8", TORCH_BOX(&linear_w8a8));
   m.impl("linear_int8_weight", TORCH_BOX(&linear_int8_weight));
   m.impl("linear_bf16", TORCH_BOX(&linear_bf16));
+  m.impl("linear_f32", TORCH_BOX(&linear_f32));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CompositeExplicitAutograd, m) {

@@ -130,6 +130,21 @@ def test_bf16_within_2x_torch_error(path, M, N, K, with_bias):
     torch.testing.assert_close(y.float(), r, rtol=2 ** -7, atol=2 ** -7 * r.abs().max().item())
 
 
+@needs_ext
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_f32_matches_ref(path, M, N, K, with_bias):
+    x, w = _x(M, K), _w(N, K)
+    bias = torch.randn(N) if with_bias else None
+    exact = ref.linear_f32_ref(x.double(), w.double(), None if bias is None else bias.double())
+    scale = (x.double().abs() @ w.double().abs().t()).max().item() + 1.0          # bound of the sum's size
+    ref_err = (ref.linear_f32_ref(x, w, bias) - exact).abs().max().item()
+    for y in (torch.ops.minibloom_matmul.linear_f32(x, w, bias), mm.linear_f32(x, w, bias)):  # kernel, wrapper
+        assert y.dtype == torch.float32 and y.shape == (M, N)
+        err = (y.double() - exact).abs().max().item()
+        assert err <= max(2 * ref_err, 4 * K * 2 ** -24 * scale)                 # summation order only
+
+
 # --- API ----------------------------------------------------------------------------------------------------------
 
 @needs_ext
@@ -139,6 +154,7 @@ def test_leading_batch_dims_and_simd_switch():
     assert mm.linear_w8a8(x, wq, ws).shape == (2, 3, 9)
     assert mm.linear_int8_weight(x, wq, ws).shape == (2, 3, 9)
     assert mm.linear_bf16(x.bfloat16(), _w(9, 40).bfloat16()).shape == (2, 3, 9)
+    assert mm.linear_f32(x, _w(9, 40)).shape == (2, 3, 9)
     mm.set_force_scalar(True)
     try:
         assert mm.simd_path() == "scalar"
@@ -163,6 +179,8 @@ def test_validation_errors():
         mm.linear_w8a8(x.double(), wq, ws)
     with pytest.raises(ValueError, match="x must be bfloat16"):
         mm.linear_bf16(x, _w(8, 16).bfloat16())
+    with pytest.raises(ValueError, match="x must be float32"):
+        mm.linear_f32(x.bfloat16(), _w(8, 16))
     with pytest.raises(ValueError, match="floating-point"):
         mm.quantize_rows(wq)
 
@@ -189,6 +207,7 @@ def test_fake_impls_trace_under_fake_tensor_mode():
         assert ops.linear_w8a8(xb, wq, ws, None, 6.0).dtype == torch.bfloat16
         assert ops.linear_int8_weight(x, wq, ws, ws).shape == (3, 10)
         assert ops.linear_bf16(xb, wb, None).dtype == torch.bfloat16
+        assert ops.linear_f32(x, torch.empty(10, 64), None).shape == (3, 10)
         xq, s_x, outl = ops.quantize_activations(x, 6.0)
         assert xq.shape == (3, 64) and xq.dtype == torch.int8 and s_x.shape == (3,) and outl.dtype == torch.int32
 
