@@ -549,21 +549,28 @@ struct WInt8 {
   }
 };
 
-struct WInt8Avx512 {
-  template <int MR>
-  TGT_F static void rows(const WInt8& c, int64_t n_begin, int64_t n_end) {
+// fp32-FMA kernels over 16-wide fp32 vectors, shared by weight-only int8 (int8 -> fp32 in registers) and fp32.
+TGT_F static inline __m512 load16(const float* p, __mmask16 mk) { return _mm512_maskz_loadu_ps(mk, p); }
+TGT_F static inline __m512 load16(const int8_t* p, __mmask16 mk) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, p)));
+}
+
+struct FmaAvx512 {
+  template <int MR, class Ctx>
+  TGT_F static void rows(const Ctx& c, int64_t n_begin, int64_t n_end) {
     constexpr int U = row_unroll<MR>();
     for (int64_t n = n_begin; n < n_end; n++) {
-      const int8_t* w = c.w + n * c.K;
+      const auto* w = c.w + n * c.K;
       __m512 acc[MR][U];
       for (int i = 0; i < MR; i++)
         for (int u = 0; u < U; u++) acc[i][u] = _mm512_setzero_ps();
       int64_t k = 0;
       for (; k + 16 * U <= c.K; k += 16 * U) {
-        if (k % 64 == 0) _mm_prefetch((const char*)(w + k + PREFETCH), _MM_HINT_T0);
 #pragma GCC unroll 4
         for (int u = 0; u < U; u++) {
-          const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k + 16 * u))));
+          if ((k + 16 * u) * (int64_t)sizeof(*c.w) % 64 == 0)  // one prefetch per 64-byte line
+            _mm_prefetch((const char*)(w + k + 16 * u) + PREFETCH, _MM_HINT_T0);
+          const __m512 wv = load16(w + k + 16 * u, (__mmask16)0xffff);
 #pragma GCC unroll 8
           for (int i = 0; i < MR; i++)
             acc[i][u] = _mm512_fmadd_ps(_mm512_loadu_ps(c.x + i * c.K + k + 16 * u), wv, acc[i][u]);
@@ -571,7 +578,7 @@ struct WInt8Avx512 {
       }
       for (; k < c.K; k += 16) {
         const __mmask16 mk = (__mmask16)tail_mask(c.K - k);
-        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, w + k)));
+        const __m512 wv = load16(w + k, mk);
         for (int i = 0; i < MR; i++)
           acc[i][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, c.x + i * c.K + k), wv, acc[i][0]);
       }
@@ -582,8 +589,8 @@ struct WInt8Avx512 {
     }
   }
 
-  template <int MR, int NR>
-  TGT_F static void tile(const WInt8& c, int64_t m0, int64_t n0) {
+  template <int MR, int NR, class Ctx>
+  TGT_F static void tile(const Ctx& c, int64_t m0, int64_t n0) {
     TILE_ROWS(MR, NR)
     __m512 acc[MR][NR];
     for (int i = 0; i < MR; i++)
@@ -592,8 +599,7 @@ struct WInt8Avx512 {
       const __mmask16 mk = (__mmask16)tail_mask(c.K - k);
       __m512 wv[NR];
 #pragma GCC unroll 8
-      for (int j = 0; j < NR; j++)
-        wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, wr_[j] + k)));
+      for (int j = 0; j < NR; j++) wv[j] = load16(wr_[j] + k, mk);
 #pragma GCC unroll 8
       for (int i = 0; i < MR; i++) {
         const __m512 xv = _mm512_maskz_loadu_ps(mk, xr_[i] + k);
@@ -616,7 +622,7 @@ void linear_int8_weight(const void* x, bool x_bf16, const int8_t* w, const float
   }
   const WInt8 c{(const float*)x, w, M, N, K, w_scale, bias, bias_bf16, y, x_bf16};
   if (use_f()) {
-    if (!run_rows<WInt8Avx512>(c)) run_tiles<WInt8Avx512>(c);
+    if (!run_rows<FmaAvx512>(c)) run_tiles<FmaAvx512>(c);
   }
   else if (use_avx2())
     run_tiles16<FmaAvx2>(c);
@@ -727,67 +733,11 @@ struct F32 {
   }
 };
 
-struct F32Avx512 {
-  template <int MR>
-  TGT_F static void rows(const F32& c, int64_t n_begin, int64_t n_end) {
-    constexpr int U = row_unroll<MR>();
-    for (int64_t n = n_begin; n < n_end; n++) {
-      const float* w = c.w + n * c.K;
-      __m512 acc[MR][U];
-      for (int i = 0; i < MR; i++)
-        for (int u = 0; u < U; u++) acc[i][u] = _mm512_setzero_ps();
-      int64_t k = 0;
-      for (; k + 16 * U <= c.K; k += 16 * U) {
-#pragma GCC unroll 4
-        for (int u = 0; u < U; u++) {
-          _mm_prefetch((const char*)(w + k + 16 * u) + PREFETCH, _MM_HINT_T0);
-          const __m512 wv = _mm512_loadu_ps(w + k + 16 * u);
-#pragma GCC unroll 8
-          for (int i = 0; i < MR; i++)
-            acc[i][u] = _mm512_fmadd_ps(_mm512_loadu_ps(c.x + i * c.K + k + 16 * u), wv, acc[i][u]);
-        }
-      }
-      for (; k < c.K; k += 16) {
-        const __mmask16 mk = (__mmask16)tail_mask(c.K - k);
-        const __m512 wv = _mm512_maskz_loadu_ps(mk, w + k);
-        for (int i = 0; i < MR; i++)
-          acc[i][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, c.x + i * c.K + k), wv, acc[i][0]);
-      }
-      for (int i = 0; i < MR; i++) {
-        for (int u = 1; u < U; u++) acc[i][0] = _mm512_add_ps(acc[i][0], acc[i][u]);
-        c.store(i, n, _mm512_reduce_add_ps(acc[i][0]));
-      }
-    }
-  }
-
-  template <int MR, int NR>
-  TGT_F static void tile(const F32& c, int64_t m0, int64_t n0) {
-    TILE_ROWS(MR, NR)
-    __m512 acc[MR][NR];
-    for (int i = 0; i < MR; i++)
-      for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < c.K; k += 16) {
-      const __mmask16 mk = (__mmask16)tail_mask(c.K - k);
-      __m512 wv[NR];
-#pragma GCC unroll 8
-      for (int j = 0; j < NR; j++) wv[j] = _mm512_maskz_loadu_ps(mk, wr_[j] + k);
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; i++) {
-        const __m512 xv = _mm512_maskz_loadu_ps(mk, xr_[i] + k);
-#pragma GCC unroll 8
-        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
-      }
-    }
-    for (int i = 0; i < mr; i++)
-      for (int j = 0; j < nr; j++) c.store(m0 + i, n0 + j, _mm512_reduce_add_ps(acc[i][j]));
-  }
-};
-
 void linear_f32(const float* x, const float* w, const void* bias, bool bias_bf16, int64_t M, int64_t N, int64_t K,
                 float* y) {
   const F32 c{x, w, M, N, K, bias, bias_bf16, y};
   if (use_f()) {
-    if (!run_rows<F32Avx512>(c)) run_tiles<F32Avx512>(c);
+    if (!run_rows<FmaAvx512>(c)) run_tiles<FmaAvx512>(c);
   }
   else if (use_avx2())
     run_tiles16<FmaAvx2>(c);
