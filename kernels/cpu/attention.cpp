@@ -269,7 +269,20 @@ inline typename Vec<W>::f expv(typename Vec<W>::f x) {
 }
 
 template <int W>
+inline void dots_body(const float* q, const void* k, int64_t ks, int n, int D, bool bf16, float* s);
+
+// The dtype is a run-time flag; calling the body with a literal lets the compiler fold every bf16 branch out of
+// the inner loops (the entry points are `flatten`, so the body is inlined twice).
+template <int W>
 inline void dots_simd(const float* q, const void* k, int64_t ks, int n, int D, bool bf16, float* s) {
+  if (bf16)
+    dots_body<W>(q, k, ks, n, D, true, s);
+  else
+    dots_body<W>(q, k, ks, n, D, false, s);
+}
+
+template <int W>
+inline void dots_body(const float* q, const void* k, int64_t ks, int n, int D, bool bf16, float* s) {
   typedef typename Vec<W>::f F;
   const int Dv = D / W * W;
   for (int j = 0; j < n; j++) {
@@ -388,7 +401,20 @@ inline void pv_rows(float* O, const float* P, const float* corr, const void* v, 
 }
 
 template <int W>
+inline void pv_body(float* O, const float* P, const float* corr, const void* v, int64_t vs, int rows, int n, int D,
+                    bool bf16);
+
+template <int W>
 inline void pv_simd(float* O, const float* P, const float* corr, const void* v, int64_t vs, int rows, int n, int D,
+                    bool bf16) {
+  if (bf16)
+    pv_body<W>(O, P, corr, v, vs, rows, n, D, true);
+  else
+    pv_body<W>(O, P, corr, v, vs, rows, n, D, false);
+}
+
+template <int W>
+inline void pv_body(float* O, const float* P, const float* corr, const void* v, int64_t vs, int rows, int n, int D,
                     bool bf16) {
   int r = 0;
   for (; r + MR <= rows; r += MR) pv_rows<W, MR>(O + r * D, P + r * KB, corr + r, v, vs, n, D, bf16);
