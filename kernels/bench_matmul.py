@@ -107,7 +107,7 @@ def bench(names, M, n_layers, lm_head, reps):
     return results
 
 
-def crossover(rows=(1, 4, 8, 16, 32, 64, 128), N=4096, K=1024, reps=15):
+def crossover(rows=(1, 4, 8, 16, 32, 64, 128), N=4096, K=1024, reps=15, only=()):
     """Best-of-reps time of each kernel vs the stock op with the same semantics, one (hot) layer, per M.
 
     Interleaved and best-of so that a contended machine biases both sides alike: the measurement behind
@@ -119,8 +119,11 @@ def crossover(rows=(1, 4, 8, 16, 32, 64, 128), N=4096, K=1024, reps=15):
         "w8a8": (lambda x: mm._ops().linear_w8a8(x, wq, ws, None, 6.0), lambda x: mm._w8a8_int_mm(x, wq, ws, None, 6.0),
                  torch.float32),
         "bf16": (lambda x: mm._ops().linear_bf16(x, wb, None), lambda x: F.linear(x, wb), torch.bfloat16),
+        "f32": (lambda x: mm._ops().linear_f32(x, w, None), lambda x: F.linear(x, w), torch.float32),
     }
     for name, (ours, stock, dtype) in pairs.items():
+        if only and name not in only:
+            continue
         for M in rows:
             x = _x(M, K, dtype, outliers=False)
             t_ours, t_stock = [], []
@@ -147,7 +150,7 @@ def main():
     if not ok:
         raise SystemExit(f"kernels unavailable: {reason}")
     if a.crossover:
-        return crossover()
+        return crossover(only=tuple(a.only.split(",")) if a.only else ())
     names = [n for n in variants() if not a.only or any(s in n for s in a.only.split(","))]
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]

@@ -84,5 +84,5 @@ class FusedBackend(ops.Backend):
             # ours for decode rows; from PREFILL_MIN_ROWS on, oneDNN where it is faster (kernels/MATMUL.md)
             return self.mm.linear_bf16(x, w, layer.bias)
         if self.device.type == "cpu" and w.dtype == torch.float32:
-            return self.mm.linear_f32(x, w, layer.bias)  # ours for decode rows on AVX-512, else F.linear
+            return self.mm.linear_f32(x, w, layer.bias)  # ours below 64 rows on AVX-512, else F.linear
         return F.linear(x, w, layer.bias)

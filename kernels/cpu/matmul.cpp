@@ -716,8 +716,8 @@ void linear_bf16(const uint16_t* x, const uint16_t* w, const void* bias, bool bi
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// fp32: y = x @ w^T (+ b), fp32 FMA. Decode rows only (M <= 8): stock sgemv (MKL) reads W at about a third of
-// the machine's bandwidth on AMD EPYC (kernels/MATMUL.md); from PREFILL_MIN_ROWS["f32"] rows F.linear runs.
+// fp32: y = x @ w^T (+ b), fp32 FMA. For decode: stock sgemv (MKL) reads W at about half the machine's
+// bandwidth on AMD EPYC (kernels/MATMUL.md); from PREFILL_MIN_ROWS["f32"] rows F.linear runs.
 
 struct F32 {
   const float* x;  // (M, K)
