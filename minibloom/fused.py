@@ -72,9 +72,17 @@ class FusedBackend(ops.Backend):
         return self.attn.attention_prefill(q, k, v, key_pos, scale=1.0, causal=causal, q_offset=q_offset, **t5)
 
     def linear_int8(self, x, layer):
+        bias, out_dtype = layer.bias, None
+        if self.device.type == "cpu" and x.dtype == torch.float16:
+            # The CPU kernels take fp32/bf16. The int8 semantics compute in fp32 and round the output to x's
+            # dtype (matmul_ref), so widening fp16 (exact) and rounding back is the same computation.
+            x, out_dtype = x.float(), torch.float16
+            bias = None if bias is None else bias.float()
         if layer.quant == "int8":
-            return self.mm.linear_w8a8(x, layer.weight, layer.weight_scale, layer.bias, layer.threshold)
-        return self.mm.linear_int8_weight(x, layer.weight, layer.weight_scale, layer.bias)
+            y = self.mm.linear_w8a8(x, layer.weight, layer.weight_scale, bias, layer.threshold)
+        else:
+            y = self.mm.linear_int8_weight(x, layer.weight, layer.weight_scale, bias)
+        return y if out_dtype is None else y.to(out_dtype)
 
     def linear(self, x, layer):
         w = layer.weight

@@ -53,6 +53,21 @@ def test_fused_int8_matches_reference_semantics():
     assert (a - b).abs().max() <= 1e-3 * a.abs().max()
 
 
+@pytest.mark.parametrize("mode", ["int8", "int8-weight"])
+def test_fp16_checkpoint_quantized_on_cpu_fused_matches_reference(mode):
+    """An fp16 checkpoint (bloomz's own dtype) loaded with quantize and no dtype: fp16 activations reach the
+    CPU int8 kernels, which compute in fp32 as the reference does and round back to fp16."""
+    folder = bloom_checkpoint(TINY_BLOOM, scale=3.0, dtype=torch.float16)
+    ref = minibloom.load(folder, backend="reference", quantize=mode)
+    fus = minibloom.load(folder, backend="fused", quantize=mode)
+    assert ref.dtype == fus.dtype == torch.float16
+    ids, mask = ref.encode_batch(["Translate to English: Je t'aime.", "Hi"])
+    with torch.no_grad():
+        a, b = ref.model(ids, mask)[mask.bool()].float(), fus.model(ids, mask)[mask.bool()].float()
+    assert torch.isfinite(b).all() and (a - b).abs().max() <= 1e-2 * a.abs().max()
+    assert len(fus.generate_ids(*fus.encode_batch(["Hello"]), max_new_tokens=4)[0]) == 4
+
+
 def test_bad_quantize_values():
     folder = bloom_checkpoint(TINY_BLOOM)
     with pytest.raises(MinibloomError, match="unknown quantize"):
