@@ -208,14 +208,22 @@ inline void storef(float* p, typename Vec<W>::f v) {
 }
 
 // W elements of fp32 or bf16 -> fp32. bf16 -> fp32 is exact: the bf16 bits are the high half of the fp32.
+// Written as one shuffle that puts each bf16 in the high half of a 32-bit lane (zeros below): GCC lowers a
+// __builtin_convertvector widening to two half-width conversions plus an insert instead.
 template <int W>
 inline typename Vec<W>::f load(const void* p, bool bf16) {
   if (!bf16) return loadf<W>((const float*)p);
-  typename Vec<W>::h h;
+  typedef uint16_t H2 __attribute__((vector_size(4 * W)));
+  typename Vec<W>::h h, z = {};
   std::memcpy(&h, p, sizeof h);
-  const typename Vec<W>::u u = __builtin_convertvector(h, typename Vec<W>::u) << 16;
+  H2 wide;
+  if constexpr (W == 8)
+    wide = __builtin_shufflevector(z, h, 0, 8, 0, 9, 0, 10, 0, 11, 0, 12, 0, 13, 0, 14, 0, 15);
+  else
+    wide = __builtin_shufflevector(z, h, 0, 16, 0, 17, 0, 18, 0, 19, 0, 20, 0, 21, 0, 22, 0, 23, 0, 24, 0, 25, 0,
+                                   26, 0, 27, 0, 28, 0, 29, 0, 30, 0, 31);
   typename Vec<W>::f f;
-  std::memcpy(&f, &u, sizeof f);
+  std::memcpy(&f, &wide, sizeof f);
   return f;
 }
 
@@ -444,7 +452,7 @@ inline void pv_body(float* O, const float* P, const float* corr, const void* v, 
   const Ops k_##ISA = {dots_##ISA, qk_##ISA, softmax_##ISA, pv_##ISA};
 
 MBATTN_ENTRY_POINTS(avx2, 8, "avx2,fma")
-MBATTN_ENTRY_POINTS(avx512, 16, "avx512f,avx512bw,avx512vl,avx512dq")
+MBATTN_ENTRY_POINTS(avx512, 16, "avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
 // Testing aid: the 16-wide (AVX-512) template logic compiled for AVX2 (each vector is two ymm), so machines
 // without AVX-512 still exercise every line the AVX-512 build runs.
 MBATTN_ENTRY_POINTS(avx2_w16, 16, "avx2,fma")

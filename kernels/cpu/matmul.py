@@ -133,6 +133,22 @@ def _check_vec(v, N, dtypes, fn, name):
 _FLOATS = (torch.float32, torch.bfloat16)
 
 
+def _fast(x, w, wdtype, xdtypes, *vecs):
+    """x as (M, K) when every argument passes the cheap checks, else None: the caller then runs the full checks
+    above, which name the mistake. Decode calls these wrappers ~100 times a token, and the full checks cost
+    more than a small layer's matmul (the C++ op checks dtypes and shapes again either way)."""
+    if not (type(x) is torch.Tensor and isinstance(w, torch.Tensor) and x.is_cpu and w.is_cpu
+            and x.dtype in xdtypes and w.dtype == wdtype and w.dim() == 2 and x.dim() >= 1
+            and x.shape[-1] == w.shape[1] and x.is_contiguous() and w.is_contiguous()):
+        return None
+    N = w.shape[0]
+    for v, dtypes in vecs:
+        if v is not None and not (isinstance(v, torch.Tensor) and v.is_cpu and v.dim() == 1 and v.shape[0] == N
+                                  and v.dtype in dtypes and v.is_contiguous()):
+            return None
+    return x.view(-1, w.shape[1])
+
+
 # --- public API -----------------------------------------------------------------------------------------------
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,11 +167,13 @@ def quantize_activations(x: torch.Tensor, threshold: float = 6.0):
 
 def linear_w8a8(x, wq, w_scale, bias=None, threshold=6.0):
     """LLM.int8() y = x @ deq(wq)^T + b: per-token int8 activations, outlier columns (|x| > threshold) in fp32."""
-    wq = _check_w(wq, torch.int8, "linear_w8a8")
-    N, K = wq.shape
-    x2 = _check_x(x, K, _FLOATS, "linear_w8a8")
-    w_scale = _check_vec(w_scale, N, (torch.float32,), "linear_w8a8", "w_scale")
-    bias = _check_vec(bias, N, _FLOATS, "linear_w8a8", "bias")
+    x2 = _fast(x, wq, torch.int8, _FLOATS, (w_scale, (torch.float32,)), (bias, _FLOATS))
+    if x2 is None:
+        wq = _check_w(wq, torch.int8, "linear_w8a8")
+        x2 = _check_x(x, wq.shape[1], _FLOATS, "linear_w8a8")
+        w_scale = _check_vec(w_scale, wq.shape[0], (torch.float32,), "linear_w8a8", "w_scale")
+        bias = _check_vec(bias, wq.shape[0], _FLOATS, "linear_w8a8", "bias")
+    N = wq.shape[0]
     if x2.shape[0] >= PREFILL_MIN_ROWS["w8a8"]:
         y = _w8a8_int_mm(x2, wq, w_scale, bias, float(threshold))
     else:
@@ -177,20 +195,24 @@ def _w8a8_int_mm(x2, wq, w_scale, bias, threshold):
 
 def linear_int8_weight(x, wq, w_scale, bias=None):
     """Weight-only int8: y = (x @ wq^T) * w_scale (+ b), x fp32|bf16, fp32 accumulation, y in x's dtype."""
-    wq = _check_w(wq, torch.int8, "linear_int8_weight")
-    N, K = wq.shape
-    x2 = _check_x(x, K, _FLOATS, "linear_int8_weight")
-    w_scale = _check_vec(w_scale, N, (torch.float32,), "linear_int8_weight", "w_scale")
-    bias = _check_vec(bias, N, _FLOATS, "linear_int8_weight", "bias")
+    x2 = _fast(x, wq, torch.int8, _FLOATS, (w_scale, (torch.float32,)), (bias, _FLOATS))
+    if x2 is None:
+        wq = _check_w(wq, torch.int8, "linear_int8_weight")
+        x2 = _check_x(x, wq.shape[1], _FLOATS, "linear_int8_weight")
+        w_scale = _check_vec(w_scale, wq.shape[0], (torch.float32,), "linear_int8_weight", "w_scale")
+        bias = _check_vec(bias, wq.shape[0], _FLOATS, "linear_int8_weight", "bias")
+    N = wq.shape[0]
     return _ops().linear_int8_weight(x2, wq, w_scale, bias).reshape(*x.shape[:-1], N)
 
 
 def linear_bf16(x, w, bias=None):
     """y = x @ w^T (+ b): bf16 x and w, fp32 accumulation, bf16 out."""
-    w = _check_w(w, torch.bfloat16, "linear_bf16", name="w")
-    N, K = w.shape
-    x2 = _check_x(x, K, (torch.bfloat16,), "linear_bf16")
-    bias = _check_vec(bias, N, _FLOATS, "linear_bf16", "bias")
+    x2 = _fast(x, w, torch.bfloat16, (torch.bfloat16,), (bias, _FLOATS))
+    if x2 is None:
+        w = _check_w(w, torch.bfloat16, "linear_bf16", name="w")
+        x2 = _check_x(x, w.shape[1], (torch.bfloat16,), "linear_bf16")
+        bias = _check_vec(bias, w.shape[0], _FLOATS, "linear_bf16", "bias")
+    N = w.shape[0]
     if x2.shape[0] >= PREFILL_MIN_ROWS["bf16"]:
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(torch.bfloat16))
     else:
@@ -200,10 +222,12 @@ def linear_bf16(x, w, bias=None):
 
 def linear_f32(x, w, bias=None):
     """y = x @ w^T (+ b) in fp32: our kernel for decode rows, F.linear from PREFILL_MIN_ROWS["f32"] rows on."""
-    w = _check_w(w, torch.float32, "linear_f32", name="w")
-    N, K = w.shape
-    x2 = _check_x(x, K, (torch.float32,), "linear_f32")
-    bias = _check_vec(bias, N, _FLOATS, "linear_f32", "bias")
+    x2 = _fast(x, w, torch.float32, (torch.float32,), (bias, _FLOATS))
+    if x2 is None:
+        w = _check_w(w, torch.float32, "linear_f32", name="w")
+        x2 = _check_x(x, w.shape[1], (torch.float32,), "linear_f32")
+        bias = _check_vec(bias, w.shape[0], _FLOATS, "linear_f32", "bias")
+    N = w.shape[0]
     if x2.shape[0] >= PREFILL_MIN_ROWS["f32"]:
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.float())
     else:
