@@ -274,6 +274,9 @@ def test_fake_impl_traces_under_fake_tensor_mode():
     (dict(t5_table=torch.ones(32, 3)), "t5_query_pos"),
     (dict(alibi_slopes=torch.ones(4)), "alibi_slopes must have shape"),
     (dict(q=torch.randn(2, 3, 300), k=torch.randn(2, 3, 10, 300), v=torch.randn(2, 3, 10, 300)), "head dim"),
+    (dict(v=torch.randn(2, 3, 9, 64)), "different lengths"),
+    (dict(t5_table=torch.ones(32, 4), t5_query_pos=torch.zeros(2, dtype=torch.int32)), "t5_table must have shape"),
+    (dict(t5_table=torch.ones(32, 3), t5_query_pos=torch.zeros(3, dtype=torch.int32)), "t5_query_pos must have"),
 ])
 def test_decode_validation(bad, match):
     args = dict(q=torch.randn(2, 3, 64), k=torch.randn(2, 3, 10, 64), v=torch.randn(2, 3, 10, 64),
@@ -282,6 +285,24 @@ def test_decode_validation(bad, match):
     q, k, v, key_pos = (args.pop(n) for n in ("q", "k", "v", "key_pos"))
     with pytest.raises(ValueError, match=match):
         A.attention_decode(q, k, v, key_pos, scale=0.125, **args)
+
+
+def test_decode_fast_and_checked_paths_agree():
+    """int32 key_pos and fp32 vectors take the cheap-check path; int64 / bf16 inputs take the full checks,
+    which convert them: the same numbers either way."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*s, generator=g) for s in ((2, 3, 64), (2, 3, 20, 64), (2, 3, 20, 64)))
+    pos = torch.arange(16, dtype=torch.int32).expand(2, -1).contiguous()
+    slopes, table = torch.rand(3), torch.randn(32, 3)
+    qpos = torch.tensor([15, 15], dtype=torch.int32)
+    assert A._decode_args_ok(q, k, v, pos, slopes, None, None, None)
+    assert not A._decode_args_ok(q, k, v, pos.long(), slopes, None, None, None)
+    fast = A.attention_decode(q, k, v, pos, scale=0.125, alibi_slopes=slopes)
+    full = A.attention_decode(q, k, v, pos.long(), scale=0.125, alibi_slopes=slopes.double())
+    assert torch.equal(fast, full)
+    fast = A.attention_decode(q, k, v, pos, scale=1.0, t5_table=table, t5_query_pos=qpos)
+    full = A.attention_decode(q, k, v, pos.long(), scale=1.0, t5_table=table, t5_query_pos=qpos.long())
+    assert torch.equal(fast, full)
 
 
 def test_prefill_validation():
