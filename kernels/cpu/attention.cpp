@@ -289,11 +289,55 @@ inline void dots_simd(const float* q, const void* k, int64_t ks, int n, int D, b
     dots_body<W>(q, k, ks, n, D, false, s);
 }
 
+// Four rows' horizontal sums at once: a[0..3] (W lanes each) -> r[0..3]. Two levels of a transposed reduction
+// (pairs of vectors: the lower half of every group of G lanes added to its upper half) leave 4 partials per row
+// in groups of 4 lanes, summed by two in-vector shuffles: about 4 instructions per row instead of log2 W
+// dependent steps each.
+template <int W>
+inline typename Vec<W>::i halves_mask(int G, bool upper) {
+  typename Vec<W>::i m;
+  for (int t = 0; t < W; t++) {  // output lane t comes from a (t < W/2) or b, group t % (W/2) / (G/2)
+    const int p = t % (W / 2);
+    m[t] = (t < W / 2 ? 0 : W) + p / (G / 2) * G + p % (G / 2) + (upper ? G / 2 : 0);
+  }
+  return m;
+}
+
+template <int W>
+inline typename Vec<W>::f pair_halves(typename Vec<W>::f a, typename Vec<W>::f b, int G) {
+  return __builtin_shuffle(a, b, halves_mask<W>(G, false)) + __builtin_shuffle(a, b, halves_mask<W>(G, true));
+}
+
+template <int W>
+inline void hsum4(const typename Vec<W>::f* a, float* r) {
+  typedef typename Vec<W>::f F;
+  typedef typename Vec<W>::i I;
+  F v = pair_halves<W>(pair_halves<W>(a[0], a[1], W), pair_halves<W>(a[2], a[3], W), W / 2);  // row r: lanes [r*W/4, (r+1)*W/4)
+  I swap2, swap1;
+  for (int t = 0; t < W; t++) swap2[t] = t ^ 2, swap1[t] = t ^ 1;
+  if constexpr (W == 16) v += __builtin_shuffle(v, v, swap2);  // 4 partials per row -> 2 (W = 8 has 2 already)
+  v += __builtin_shuffle(v, v, swap1);
+  for (int i = 0; i < 4; i++) r[i] = v[i * W / 4];
+}
+
 template <int W>
 inline void dots_body(const float* q, const void* k, int64_t ks, int n, int D, bool bf16, float* s) {
   typedef typename Vec<W>::f F;
   const int Dv = D / W * W;
-  for (int j = 0; j < n; j++) {
+  int j0 = 0;
+  if (Dv == D) {  // 4 keys at a time: 4 independent FMA chains, one combined horizontal sum
+    for (; j0 + 4 <= n; j0 += 4) {
+      F acc[4];
+      for (int r = 0; r < 4; r++) {
+        const void* kj = offset(k, bf16, (j0 + r) * ks);
+        F a = loadf<W>(q) * load<W>(kj, bf16);
+        for (int d = W; d < D; d += W) a += loadf<W>(q + d) * load<W>(offset(kj, bf16, d), bf16);
+        acc[r] = a;
+      }
+      hsum4<W>(acc, s + j0);
+    }
+  }
+  for (int j = j0; j < n; j++) {
     const void* kj = offset(k, bf16, j * ks);
     F a0 = splat<W>(0.f), a1 = splat<W>(0.f);
     int d = 0;
