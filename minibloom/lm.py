@@ -63,7 +63,7 @@ def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "
     quantizer = None
     if quantize is not None:
         from .quantize import Quantizer
-        quantizer = Quantizer(quantize, int8_threshold, dev)
+        quantizer = Quantizer(quantize, int8_threshold, dev, kernel=be.name == "fused" and dev.type == "cpu")
     load_tensors(net, ckpt, arch.checkpoint_names(net, ckpt), arch.ignored_key, dtype, dev, quantizer)
     arch.tie(net, ckpt)
     for name, buf in list(net.named_buffers()):  # derived buffers (ALiBi slopes) follow the device

@@ -30,12 +30,19 @@ CHUNK_ROWS = 1024
 class Quantizer:
     """Passed to loader.load_tensors: stores int8 weights for Linear and Embedding modules."""
 
-    def __init__(self, mode: str, threshold: float, device: torch.device):
+    def __init__(self, mode: str, threshold: float, device: torch.device, kernel: bool = False):
+        """kernel: quantize with the CPU kernel (one pass; bit-equal to matmul_ref.quantize_rows_ref, which runs
+        otherwise)."""
         if mode not in MODES:
             raise MinibloomError(f"unknown quantize={mode!r}: use one of {', '.join(MODES)}")
         if not threshold >= 0:
             raise MinibloomError(f"invalid int8 threshold {threshold!r}: must be >= 0 (0 disables outliers)")
         self.mode, self.threshold, self.device = mode, float(threshold), device
+        if kernel:
+            from .kernels.cpu.matmul import quantize_rows
+        else:
+            from .kernels.matmul_ref import quantize_rows_ref as quantize_rows
+        self.quantize_rows = quantize_rows
         _return_freed_memory_to_the_os()
 
     def __call__(self, module, attr: str, ckpt, key: str) -> bool:
@@ -43,13 +50,12 @@ class Quantizer:
             return False
         if getattr(module, "keep_float", False):
             return False
-        from .kernels.matmul_ref import quantize_rows_ref
         N, K = ckpt.shape(key)
         wq = torch.empty(N, K, dtype=torch.int8, device=self.device)
         scale = torch.empty(N, dtype=torch.float32, device=self.device)
         for start in range(0, N, CHUNK_ROWS):  # a few MB of float rows in memory at a time
             rows = slice(start, min(start + CHUNK_ROWS, N))
-            q, s = quantize_rows_ref(ckpt.rows(key, rows).float())
+            q, s = self.quantize_rows(ckpt.rows(key, rows))
             wq[rows], scale[rows] = q.to(self.device), s.to(self.device)
         module._parameters["weight"] = torch.nn.Parameter(wq, requires_grad=False)
         module._buffers["weight_scale"] = scale

@@ -53,6 +53,17 @@ def test_fused_int8_matches_reference_semantics():
     assert (a - b).abs().max() <= 1e-3 * a.abs().max()
 
 
+def test_load_time_quantization_kernel_equals_reference():
+    """backend=fused quantizes on load with the CPU kernel, backend=reference with the torch-op reference: the
+    same int8 weights and scales, bit for bit."""
+    folder = bloom_checkpoint(TINY_BLOOM, scale=3.0, dtype=torch.bfloat16)
+    ref = minibloom.load(folder, backend="reference", quantize="int8")
+    fus = minibloom.load(folder, backend="fused", quantize="int8")
+    assert fus.model.h[0].mlp.dense_h_to_4h.weight.dtype == torch.int8
+    for (name, a), (_, b) in zip(ref.model.state_dict().items(), fus.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("mode", ["int8", "int8-weight"])
 def test_fp16_checkpoint_quantized_on_cpu_fused_matches_reference(mode):
     """An fp16 checkpoint (bloomz's own dtype) loaded with quantize and no dtype: fp16 activations reach the

@@ -318,6 +318,24 @@ static void quantize_act_impl(const void* x, bool x_bf16, int64_t M, int64_t K, 
     quant_rows_scalar(xf.data(), M, K, q, s_x);
 }
 
+// Weights at load time: q = round_half_even(w / s), s = absmax/127 per row (1 for a zero row): the activation
+// quantizer's row step, run over blocks of rows in parallel. One pass, no temporaries (the torch-op reference
+// allocates a tensor per step, which dominated an int8 load).
+void quantize_rows(const float* w, int64_t N, int64_t K, int8_t* q, float* scale) {
+  const bool par = N * K >= (1 << 16);
+#pragma omp parallel if (par)
+  {
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t n0 = N * t / T, rows = N * (t + 1) / T - n0;
+    if (use_f())
+      quant_rows_avx512(w + n0 * K, rows, K, q + n0 * K, scale + n0, nullptr);
+    else if (use_avx2())
+      quant_rows_avx2(w + n0 * K, rows, K, q + n0 * K, scale + n0);
+    else
+      quant_rows_scalar(w + n0 * K, rows, K, q + n0 * K, scale + n0);
+  }
+}
+
 void quantize_activations(const void* x, bool x_bf16, int64_t M, int64_t K, float threshold, int8_t* xq,
                           float* s_x, std::vector<int32_t>& outliers) {
   std::vector<float> xo, xf;

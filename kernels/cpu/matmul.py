@@ -83,6 +83,10 @@ def _register_fakes():
         return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32),
                 x.new_empty(n_out, dtype=torch.int32))
 
+    @torch.library.register_fake("minibloom_matmul::quantize_rows")
+    def _(w):
+        return w.new_empty(w.shape, dtype=torch.int8), w.new_empty(w.shape[0], dtype=torch.float32)
+
     @torch.library.register_fake("minibloom_matmul::linear_w8a8")
     def _(x, wq, w_scale, bias, threshold):
         return x.new_empty(x.shape[0], wq.shape[0])
@@ -153,10 +157,9 @@ def _fast(x, w, wdtype, xdtypes, *vecs):
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (N, K) float -> (wq int8 (N, K), scale fp32 (N,)); scale = absmax(row)/127 (zero row -> 1). Load time."""
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
-        raise ValueError("quantize_rows: w must be a 2-D floating-point tensor (N, K) in Linear layout")
-    from ..matmul_ref import quantize_rows_ref
-    return quantize_rows_ref(w)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point() or w.device.type != "cpu":
+        raise ValueError("quantize_rows: w must be a 2-D floating-point CPU tensor (N, K) in Linear layout")
+    return _ops().quantize_rows(w.float().contiguous())  # bit-equal to matmul_ref.quantize_rows_ref
 
 
 def quantize_activations(x: torch.Tensor, threshold: float = 6.0):

@@ -16,6 +16,7 @@ using torch::headeronly::ScalarType;
 
 namespace mbmm {  // matmul.cpp
 int simd_level(int force_scalar);
+void quantize_rows(const float* w, int64_t N, int64_t K, int8_t* q, float* scale);
 void quantize_activations(const void* x, bool x_bf16, int64_t M, int64_t K, float threshold, int8_t* xq,
                           float* s_x, std::vector<int32_t>& outliers);
 void linear_w8a8(const void* x, bool x_bf16, const int8_t* w, const float* w_scale, const void* bias,
@@ -55,6 +56,16 @@ static const void* bias_ptr(const std::optional<Tensor>& b) { return b ? b->data
 static bool bias_bf16(const std::optional<Tensor>& b) { return b && is_bf16(*b); }
 
 int64_t simd_level(int64_t force_scalar) { return mbmm::simd_level((int)force_scalar); }
+
+std::tuple<Tensor, Tensor> quantize_rows(Tensor w) {
+  check_2d(w, "w");
+  STD_TORCH_CHECK(w.scalar_type() == ScalarType::Float, "w must be float32");
+  const int64_t N = w.size(0), K = w.size(1);
+  Tensor q = torch::stable::new_empty(w, {N, K}, ScalarType::Char);
+  Tensor scale = torch::stable::new_empty(w, {N}, ScalarType::Float);
+  mbmm::quantize_rows((const float*)w.data_ptr(), N, K, (int8_t*)q.data_ptr(), (float*)scale.data_ptr());
+  return {q, scale};
+}
 
 std::tuple<Tensor, Tensor, Tensor> quantize_activations(Tensor x, double threshold) {
   check_2d(x, "x");
@@ -111,6 +122,7 @@ Tensor linear_f32(Tensor x, Tensor w, std::optional<Tensor> bias) {
 
 STABLE_TORCH_LIBRARY(minibloom_matmul, m) {
   m.def("simd_level(int force_scalar) -> int");
+  m.def("quantize_rows(Tensor w) -> (Tensor, Tensor)");
   m.def("quantize_activations(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)");
   m.def("linear_w8a8(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias, float threshold) -> Tensor");
   m.def("linear_int8_weight(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias) -> Tensor");
@@ -119,6 +131,7 @@ STABLE_TORCH_LIBRARY(minibloom_matmul, m) {
 }
 
 STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CPU, m) {
+  m.impl("quantize_rows", TORCH_BOX(&quantize_rows));
   m.impl("quantize_activations", TORCH_BOX(&quantize_activations));
   m.impl("linear_w8a8", TORCH_BOX(&linear_w8a8));
   m.impl("linear_int8_weight", TORCH_BOX(&linear_int8_weight));

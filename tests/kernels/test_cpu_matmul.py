@@ -195,6 +195,18 @@ def test_quantize_rows_ref():
 
 
 @needs_ext
+@pytest.mark.parametrize("N,K", [(1, 1), (5, 33), (37, 100), (300, 1030)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_rows_kernel_equals_ref(path, N, K, dtype):
+    w = (_w(N, K) * 40).to(dtype)
+    w[N // 2] = 0                                                                 # a zero row: scale 1
+    w[0, 0] = 2.5 * (w[0].float().abs().amax() / 127).to(dtype)                   # a half-way case
+    q, s = mm.quantize_rows(w)
+    rq, rs = ref.quantize_rows_ref(w)
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+
+
+@needs_ext
 def test_fake_impls_trace_under_fake_tensor_mode():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
