@@ -1,4 +1,5 @@
 """`minibloom.load`: find a checkpoint, build the model for its model_type, load weights and tokenizer."""
+import contextlib
 import importlib
 import os
 import sys
@@ -64,10 +65,8 @@ def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "
     if quantize is not None:
         from .quantize import Quantizer
         quantizer = Quantizer(quantize, int8_threshold, dev, kernel=be.name == "fused" and dev.type == "cpu")
-    load_tensors(net, ckpt, arch.checkpoint_names(net, ckpt), arch.ignored_key, dtype, dev, quantizer)
-    if quantizer is not None:
-        from .quantize import reuse_freed_memory
-        reuse_freed_memory()
+    with quantizer.loading() if quantizer else contextlib.nullcontext():
+        load_tensors(net, ckpt, arch.checkpoint_names(net, ckpt), arch.ignored_key, dtype, dev, quantizer)
     arch.tie(net, ckpt)
     for name, buf in list(net.named_buffers()):  # derived buffers (ALiBi slopes) follow the device
         module_name, _, attr = name.rpartition(".")

@@ -15,6 +15,7 @@ scales and runs through the same W8A8 path as every other Linear: one copy of th
 every decoded token. Its input is the final LayerNorm output, whose rare large features take the outlier path.
 The semantics are written out in plain PyTorch in minibloom/kernels/matmul_ref.py; kernels are tested against it.
 """
+import contextlib
 import ctypes
 import ctypes.util
 
@@ -43,7 +44,21 @@ class Quantizer:
         else:
             from .kernels.matmul_ref import quantize_rows_ref as quantize_rows
         self.quantize_rows = quantize_rows
-        _return_freed_memory_to_the_os()
+
+    @contextlib.contextmanager
+    def loading(self):
+        """Around the load: glibc raises its mmap threshold after large frees, so the float chunks we read and drop
+        would be served from the heap, where they fragment around the int8 weights and stay counted in RSS. A fixed
+        1 MiB threshold keeps every chunk in its own mapping, returned to the OS when freed. Afterwards the same
+        threshold would give every activation of 1 MiB or more (a prefill's (128, 4096) fp32 tensors) a fresh
+        mapping, page-faulted in on every op (measured: int8 prefill 2.5x slower on the bloomz-560m shape), so the
+        values glibc's dynamic threshold settles at on 64-bit come back: mmap above 32 MiB, trim above 64 MiB."""
+        _mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        try:
+            yield
+        finally:
+            _mallopt(-3, 32 << 20)
+            _mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
 
     def __call__(self, module, attr: str, ckpt, key: str) -> bool:
         if attr != "weight" or not isinstance(module, (ops.Linear, ops.Embedding)):
@@ -65,24 +80,9 @@ class Quantizer:
 
 
 def _mallopt(param: int, value: int):
+    """glibc's mallopt; a no-op where glibc is absent."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(param, value)
     except (OSError, AttributeError):  # no glibc: nothing to tune
         pass
-
-
-def _return_freed_memory_to_the_os():
-    """glibc raises its mmap threshold after large frees, so the float chunks we read and drop would be served from
-    the heap, where they fragment around the int8 weights and stay counted in RSS. A fixed 1 MiB threshold keeps
-    every chunk in its own mapping, returned to the OS when freed. No-op where glibc is absent."""
-    _mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-
-
-def reuse_freed_memory():
-    """After the load: a fixed 1 MiB threshold would also give every activation of 1 MiB or more (a prefill's
-    (128, 4096) fp32 tensors, 2 MiB) its own mapping, page-faulted in and unmapped on every op: measured 2.5x
-    slower int8 prefill on the bloomz-560m shape. Back to the values glibc's dynamic threshold settles at on 64-bit
-    (mmap above 32 MiB, trim above 64 MiB), so freed activations are reused."""
-    _mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-    _mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD

@@ -276,19 +276,6 @@ inline typename Vec<W>::f expv(typename Vec<W>::f x) {
   return p * pow2n;
 }
 
-template <int W>
-inline void dots_body(const float* q, const void* k, int64_t ks, int n, int D, bool bf16, float* s);
-
-// The dtype is a run-time flag; calling the body with a literal lets the compiler fold every bf16 branch out of
-// the inner loops (the entry points are `flatten`, so the body is inlined twice).
-template <int W>
-inline void dots_simd(const float* q, const void* k, int64_t ks, int n, int D, bool bf16, float* s) {
-  if (bf16)
-    dots_body<W>(q, k, ks, n, D, true, s);
-  else
-    dots_body<W>(q, k, ks, n, D, false, s);
-}
-
 // Four rows' horizontal sums at once: a[0..3] (W lanes each) -> r[0..3]. Two levels of a transposed reduction
 // (pairs of vectors: the lower half of every group of G lanes added to its upper half) leave 4 partials per row
 // in groups of 4 lanes, summed by two in-vector shuffles: about 4 instructions per row instead of log2 W
@@ -312,7 +299,8 @@ template <int W>
 inline void hsum4(const typename Vec<W>::f* a, float* r) {
   typedef typename Vec<W>::f F;
   typedef typename Vec<W>::i I;
-  F v = pair_halves<W>(pair_halves<W>(a[0], a[1], W), pair_halves<W>(a[2], a[3], W), W / 2);  // row r: lanes [r*W/4, (r+1)*W/4)
+  // row r's W/4 partials in lanes [r*W/4, (r+1)*W/4)
+  F v = pair_halves<W>(pair_halves<W>(a[0], a[1], W), pair_halves<W>(a[2], a[3], W), W / 2);
   I swap2, swap1;
   for (int t = 0; t < W; t++) swap2[t] = t ^ 2, swap1[t] = t ^ 1;
   if constexpr (W == 16) v += __builtin_shuffle(v, v, swap2);  // 4 partials per row -> 2 (W = 8 has 2 already)
@@ -350,6 +338,16 @@ inline void dots_body(const float* q, const void* k, int64_t ks, int n, int D, b
     for (d = Dv; d < D; d++) acc += q[d] * load_elem(kj, bf16, d);
     s[j] = acc;
   }
+}
+
+// The dtype is a run-time flag; calling the body with a literal lets the compiler fold every bf16 branch out of
+// the inner loops (the entry points are `flatten`, so the body is inlined twice).
+template <int W>
+inline void dots_simd(const float* q, const void* k, int64_t ks, int n, int D, bool bf16, float* s) {
+  if (bf16)
+    dots_body<W>(q, k, ks, n, D, true, s);
+  else
+    dots_body<W>(q, k, ks, n, D, false, s);
 }
 
 // S tile: MR rows x (NCV * W) columns per register tile; for each d, broadcast Q[r][d] times a row of K^T.
@@ -454,23 +452,19 @@ inline void pv_rows(float* O, const float* P, const float* corr, const void* v, 
 
 template <int W>
 inline void pv_body(float* O, const float* P, const float* corr, const void* v, int64_t vs, int rows, int n, int D,
-                    bool bf16);
+                    bool bf16) {
+  int r = 0;
+  for (; r + MR <= rows; r += MR) pv_rows<W, MR>(O + r * D, P + r * KB, corr + r, v, vs, n, D, bf16);
+  for (; r < rows; r++) pv_rows<W, 1>(O + r * D, P + r * KB, corr + r, v, vs, n, D, bf16);
+}
 
-template <int W>
+template <int W>  // the dtype as a literal, as in dots_simd
 inline void pv_simd(float* O, const float* P, const float* corr, const void* v, int64_t vs, int rows, int n, int D,
                     bool bf16) {
   if (bf16)
     pv_body<W>(O, P, corr, v, vs, rows, n, D, true);
   else
     pv_body<W>(O, P, corr, v, vs, rows, n, D, false);
-}
-
-template <int W>
-inline void pv_body(float* O, const float* P, const float* corr, const void* v, int64_t vs, int rows, int n, int D,
-                    bool bf16) {
-  int r = 0;
-  for (; r + MR <= rows; r += MR) pv_rows<W, MR>(O + r * D, P + r * KB, corr + r, v, vs, n, D, bf16);
-  for (; r < rows; r++) pv_rows<W, 1>(O + r * D, P + r * KB, corr + r, v, vs, n, D, bf16);
 }
 
 // Entry points per instruction set. Each one instantiates the generic template at its vector width.
@@ -496,7 +490,7 @@ inline void pv_body(float* O, const float* P, const float* corr, const void* v, 
   const Ops k_##ISA = {dots_##ISA, qk_##ISA, softmax_##ISA, pv_##ISA};
 
 MBATTN_ENTRY_POINTS(avx2, 8, "avx2,fma")
-MBATTN_ENTRY_POINTS(avx512, 16, "avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
+MBATTN_ENTRY_POINTS(avx512, 16, "avx512f,avx512bw,avx512vl,avx512dq")
 // Testing aid: the 16-wide (AVX-512) template logic compiled for AVX2 (each vector is two ymm), so machines
 // without AVX-512 still exercise every line the AVX-512 build runs.
 MBATTN_ENTRY_POINTS(avx2_w16, 16, "avx2,fma")

@@ -123,6 +123,9 @@ def _check_bias_choice(alibi_slopes, t5_table, bias=None):
         raise ValueError(f"t5_table must be (num_buckets >= 2, H), got {tuple(t5_table.shape)}")
 
 
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _decode_args_ok(q, k, v, key_pos, alibi_slopes, t5_table, t5_query_pos, bias) -> bool:
     """The common decode call, checked cheaply (a model calls this once per layer per token); anything else
     takes the full checks below, which name the mistake."""
@@ -148,9 +151,6 @@ def _decode_args_ok(q, k, v, key_pos, alibi_slopes, t5_table, t5_query_pos, bias
                 and type(t5_query_pos) is T and t5_query_pos.is_cpu and t5_query_pos.shape == (B,)
                 and t5_query_pos.dtype == torch.int32 and t5_query_pos.is_contiguous())
     return True
-
-
-_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def attention_decode(q, k, v, key_pos, *, scale, alibi_slopes=None, t5_table=None, t5_query_pos=None,

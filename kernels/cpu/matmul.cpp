@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #define TGT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
@@ -547,6 +548,15 @@ struct FmaScalar {
   }
 };
 
+// Without a kernel for this CPU's SIMD level: fp32-FMA tiles on AVX2, else the scalar code.
+template <class Ctx>
+static void run_fma_fallback(const Ctx& c) {
+  if (use_avx2())
+    run_tiles16<FmaAvx2>(c);
+  else
+    run_tiles<FmaScalar>(c);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Weight-only int8: y = (x @ wq^T) * w_scale (+ b), x in fp32, int8 -> fp32 in registers, fp32 FMA.
 
@@ -641,29 +651,30 @@ void linear_int8_weight(const void* x, bool x_bf16, const int8_t* w, const float
   const WInt8 c{(const float*)x, w, M, N, K, w_scale, bias, bias_bf16, y, x_bf16};
   if (use_f()) {
     if (!run_rows<FmaAvx512>(c)) run_tiles<FmaAvx512>(c);
+  } else {
+    run_fma_fallback(c);
   }
-  else if (use_avx2())
-    run_tiles16<FmaAvx2>(c);
-  else
-    run_tiles<FmaScalar>(c);
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // bf16: y = x @ w^T (+ b), bf16 in, fp32 accumulation (vdpbf16ps: pairs of bf16 products), bf16 out.
 
-struct Bf16 {
-  const uint16_t* x;  // (M, K)
-  const uint16_t* w;  // (N, K)
+// x, w and y of one float type T: uint16_t (bf16) or float.
+template <class T>
+struct Dense {
+  const T* x;  // (M, K)
+  const T* w;  // (N, K)
   int64_t M, N, K;
   const void* bias;
   bool bias_bf16;
-  void* y;  // bf16 (M, N)
+  T* y;  // (M, N)
 
   inline void store(int64_t m, int64_t n, float acc) const {
     if (bias) acc += load_f(bias, bias_bf16, n);
-    store_y(y, true, m * N + n, acc);
+    store_y(y, std::is_same<T, uint16_t>::value, m * N + n, acc);
   }
 };
+using Bf16 = Dense<uint16_t>;
 
 struct Bf16Avx512 {
   template <int MR>
@@ -726,41 +737,25 @@ void linear_bf16(const uint16_t* x, const uint16_t* w, const void* bias, bool bi
   const Bf16 c{x, w, M, N, K, bias, bias_bf16, y};
   if (use_bf16()) {
     if (!run_rows<Bf16Avx512>(c)) run_tiles<Bf16Avx512>(c);
+  } else {
+    run_fma_fallback(c);
   }
-  else if (use_avx2())
-    run_tiles16<FmaAvx2>(c);
-  else
-    run_tiles<FmaScalar>(c);
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // fp32: y = x @ w^T (+ b), fp32 FMA. For decode: stock sgemv (MKL) reads W at about half the machine's
 // bandwidth on AMD EPYC (kernels/MATMUL.md); from PREFILL_MIN_ROWS["f32"] rows F.linear runs.
 
-struct F32 {
-  const float* x;  // (M, K)
-  const float* w;  // (N, K)
-  int64_t M, N, K;
-  const void* bias;
-  bool bias_bf16;
-  float* y;  // (M, N)
-
-  inline void store(int64_t m, int64_t n, float acc) const {
-    if (bias) acc += load_f(bias, bias_bf16, n);
-    y[m * N + n] = acc;
-  }
-};
+using F32 = Dense<float>;
 
 void linear_f32(const float* x, const float* w, const void* bias, bool bias_bf16, int64_t M, int64_t N, int64_t K,
                 float* y) {
   const F32 c{x, w, M, N, K, bias, bias_bf16, y};
   if (use_f()) {
     if (!run_rows<FmaAvx512>(c)) run_tiles<FmaAvx512>(c);
+  } else {
+    run_fma_fallback(c);
   }
-  else if (use_avx2())
-    run_tiles16<FmaAvx2>(c);
-  else
-    run_tiles<FmaScalar>(c);
 }
 
 }  // namespace mbmm

@@ -137,20 +137,23 @@ def _check_vec(v, N, dtypes, fn, name):
 _FLOATS = (torch.float32, torch.bfloat16)
 
 
-def _fast(x, w, wdtype, xdtypes, *vecs):
-    """x as (M, K) when every argument passes the cheap checks, else None: the caller then runs the full checks
-    above, which name the mistake. Decode calls these wrappers ~100 times a token, and the full checks cost
-    more than a small layer's matmul (the C++ op checks dtypes and shapes again either way)."""
-    if not (type(x) is torch.Tensor and isinstance(w, torch.Tensor) and x.is_cpu and w.is_cpu
+def _args(fn, x, w, wdtype, xdtypes, bias, w_scale=None):
+    """-> (x as (M, K), w, w_scale, bias), checked. Decode calls the wrappers ~100 times a token and the full checks
+    cost more than a small layer's matmul, so a cheap pass goes first; anything it does not accept takes the full
+    checks, which name the mistake (the C++ op checks dtypes and shapes again either way)."""
+    vecs = ((bias, _FLOATS), (w_scale, (torch.float32,))) if wdtype == torch.int8 else ((bias, _FLOATS),)
+    if (type(x) is torch.Tensor and isinstance(w, torch.Tensor) and x.is_cpu and w.is_cpu
             and x.dtype in xdtypes and w.dtype == wdtype and w.dim() == 2 and x.dim() >= 1
-            and x.shape[-1] == w.shape[1] and x.is_contiguous() and w.is_contiguous()):
-        return None
-    N = w.shape[0]
-    for v, dtypes in vecs:
-        if v is not None and not (isinstance(v, torch.Tensor) and v.is_cpu and v.dim() == 1 and v.shape[0] == N
-                                  and v.dtype in dtypes and v.is_contiguous()):
-            return None
-    return x.view(-1, w.shape[1])
+            and x.shape[-1] == w.shape[1] and x.is_contiguous() and w.is_contiguous()
+            and all(v is None or (isinstance(v, torch.Tensor) and v.is_cpu and v.dim() == 1
+                                  and v.shape[0] == w.shape[0] and v.dtype in dtypes and v.is_contiguous())
+                    for v, dtypes in vecs)):
+        return x.view(-1, w.shape[1]), w, w_scale, bias
+    w = _check_w(w, wdtype, fn, name="wq" if wdtype == torch.int8 else "w")
+    x2 = _check_x(x, w.shape[1], xdtypes, fn)
+    if wdtype == torch.int8:
+        w_scale = _check_vec(w_scale, w.shape[0], (torch.float32,), fn, "w_scale")
+    return x2, w, w_scale, _check_vec(bias, w.shape[0], _FLOATS, fn, "bias")
 
 
 # --- public API -----------------------------------------------------------------------------------------------
@@ -170,12 +173,7 @@ def quantize_activations(x: torch.Tensor, threshold: float = 6.0):
 
 def linear_w8a8(x, wq, w_scale, bias=None, threshold=6.0):
     """LLM.int8() y = x @ deq(wq)^T + b: per-token int8 activations, outlier columns (|x| > threshold) in fp32."""
-    x2 = _fast(x, wq, torch.int8, _FLOATS, (w_scale, (torch.float32,)), (bias, _FLOATS))
-    if x2 is None:
-        wq = _check_w(wq, torch.int8, "linear_w8a8")
-        x2 = _check_x(x, wq.shape[1], _FLOATS, "linear_w8a8")
-        w_scale = _check_vec(w_scale, wq.shape[0], (torch.float32,), "linear_w8a8", "w_scale")
-        bias = _check_vec(bias, wq.shape[0], _FLOATS, "linear_w8a8", "bias")
+    x2, wq, w_scale, bias = _args("linear_w8a8", x, wq, torch.int8, _FLOATS, bias, w_scale)
     N = wq.shape[0]
     if x2.shape[0] >= PREFILL_MIN_ROWS["w8a8"]:
         y = _w8a8_int_mm(x2, wq, w_scale, bias, float(threshold))
@@ -198,23 +196,14 @@ def _w8a8_int_mm(x2, wq, w_scale, bias, threshold):
 
 def linear_int8_weight(x, wq, w_scale, bias=None):
     """Weight-only int8: y = (x @ wq^T) * w_scale (+ b), x fp32|bf16, fp32 accumulation, y in x's dtype."""
-    x2 = _fast(x, wq, torch.int8, _FLOATS, (w_scale, (torch.float32,)), (bias, _FLOATS))
-    if x2 is None:
-        wq = _check_w(wq, torch.int8, "linear_int8_weight")
-        x2 = _check_x(x, wq.shape[1], _FLOATS, "linear_int8_weight")
-        w_scale = _check_vec(w_scale, wq.shape[0], (torch.float32,), "linear_int8_weight", "w_scale")
-        bias = _check_vec(bias, wq.shape[0], _FLOATS, "linear_int8_weight", "bias")
+    x2, wq, w_scale, bias = _args("linear_int8_weight", x, wq, torch.int8, _FLOATS, bias, w_scale)
     N = wq.shape[0]
     return _ops().linear_int8_weight(x2, wq, w_scale, bias).reshape(*x.shape[:-1], N)
 
 
 def linear_bf16(x, w, bias=None):
     """y = x @ w^T (+ b): bf16 x and w, fp32 accumulation, bf16 out."""
-    x2 = _fast(x, w, torch.bfloat16, (torch.bfloat16,), (bias, _FLOATS))
-    if x2 is None:
-        w = _check_w(w, torch.bfloat16, "linear_bf16", name="w")
-        x2 = _check_x(x, w.shape[1], (torch.bfloat16,), "linear_bf16")
-        bias = _check_vec(bias, w.shape[0], _FLOATS, "linear_bf16", "bias")
+    x2, w, _, bias = _args("linear_bf16", x, w, torch.bfloat16, (torch.bfloat16,), bias)
     N = w.shape[0]
     if x2.shape[0] >= PREFILL_MIN_ROWS["bf16"]:
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(torch.bfloat16))
@@ -225,11 +214,7 @@ def linear_bf16(x, w, bias=None):
 
 def linear_f32(x, w, bias=None):
     """y = x @ w^T (+ b) in fp32: our kernel for decode rows, F.linear from PREFILL_MIN_ROWS["f32"] rows on."""
-    x2 = _fast(x, w, torch.float32, (torch.float32,), (bias, _FLOATS))
-    if x2 is None:
-        w = _check_w(w, torch.float32, "linear_f32", name="w")
-        x2 = _check_x(x, w.shape[1], (torch.float32,), "linear_f32")
-        bias = _check_vec(bias, w.shape[0], _FLOATS, "linear_f32", "bias")
+    x2, w, _, bias = _args("linear_f32", x, w, torch.float32, (torch.float32,), bias)
     N = w.shape[0]
     if x2.shape[0] >= PREFILL_MIN_ROWS["f32"]:
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.float())
