@@ -158,9 +158,15 @@ static bool run_rows(const Ctx& c) {
 template <int MR>
 constexpr int row_unroll() { return MR >= 4 ? 1 : 4 / MR; }
 
-// Software prefetch distance for the row kernels, in bytes ahead of the current load (measured: 0.5 KiB to
-// 2 KiB gain 10% over none on Sapphire Rapids, 2 KiB best).
+// Software prefetch in the row kernels, 2 KiB ahead of the current load, on Intel only. Measured on cold
+// lm_head-sized streams: on Sapphire Rapids 0.5-2 KiB gain 10% over none (2 KiB best); on AMD Zen 4 any
+// distance (1-4 KiB) loses 10-15% against the hardware prefetcher alone (kernels/MATMUL.md).
 constexpr int64_t PREFETCH = 2048;
+static const bool g_sw_prefetch = __builtin_cpu_is("intel");
+#define ROW_PREFETCH(p)                                          \
+  do {                                                           \
+    if (g_sw_prefetch) _mm_prefetch((const char*)(p), _MM_HINT_T0); \
+  } while (0)
 
 TGT_AVX2 static inline int32_t hsum_epi32(__m256i v) {
   __m128i a = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -391,7 +397,7 @@ struct W8A8Vnni {
     for (; k + 64 * U <= c.K; k += 64 * U) {
 #pragma GCC unroll 4
       for (int u = 0; u < U; u++) {
-        _mm_prefetch((const char*)(w + k + 64 * u + PREFETCH), _MM_HINT_T0);
+        ROW_PREFETCH(w + k + 64 * u + PREFETCH);
         const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + k + 64 * u), flip);
 #pragma GCC unroll 8
         for (int i = 0; i < MR; i++)
@@ -597,7 +603,7 @@ struct FmaAvx512 {
 #pragma GCC unroll 4
         for (int u = 0; u < U; u++) {
           if ((k + 16 * u) * (int64_t)sizeof(*c.w) % 64 == 0)  // one prefetch per 64-byte line
-            _mm_prefetch((const char*)(w + k + 16 * u) + PREFETCH, _MM_HINT_T0);
+            ROW_PREFETCH((const char*)(w + k + 16 * u) + PREFETCH);
           const __m512 wv = load16(w + k + 16 * u, (__mmask16)0xffff);
 #pragma GCC unroll 8
           for (int i = 0; i < MR; i++)
@@ -689,7 +695,7 @@ struct Bf16Avx512 {
       for (; k + 32 * U <= c.K; k += 32 * U) {
 #pragma GCC unroll 4
         for (int u = 0; u < U; u++) {
-          _mm_prefetch((const char*)(w + k + 32 * u) + PREFETCH, _MM_HINT_T0);
+          ROW_PREFETCH((const char*)(w + k + 32 * u) + PREFETCH);
           const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k + 32 * u);
 #pragma GCC unroll 8
           for (int i = 0; i < MR; i++)

@@ -129,29 +129,40 @@ def _check_vec(v, N, dtypes, fn, name):
         return None
     if not isinstance(v, torch.Tensor) or v.shape != (N,) or v.dtype not in dtypes or v.device.type != "cpu":
         names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise ValueError(f"{fn}: {name} must be a ({N},) {names} CPU tensor, got "
-                         f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+        got = (f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')} on {v.device}" if isinstance(v, torch.Tensor)
+               else type(v).__name__)
+        raise ValueError(f"{fn}: {name} must be a ({N},) {names} CPU tensor, got {got}")
     return v.contiguous()
 
 
 _FLOATS = (torch.float32, torch.bfloat16)
 
 
+def _decode_rows(x, w, kind, bias, *required):
+    """x as (M, K) for the C++ op when this is a decode call, else None.
+
+    Decode calls the wrappers ~100 times a token, and checking every argument in Python cost 11 us a call (more
+    than the matmul of a small layer). So a decode call goes straight to the op, whose own checks (matmul_op.cpp:
+    dtypes, shapes, contiguity) are the safety net. Checked here: K, because viewing a wrong-K x as (-1, K) could
+    succeed, and the devices, because a meta tensor among CPU ones would dispatch to the fake implementation.
+    required: w_scale for the int8 kernels. If the op refuses, the full checks run and name the mistake."""
+    if not (type(x) is torch.Tensor and isinstance(w, torch.Tensor) and x.is_cpu and w.is_cpu and x.dim() >= 1
+            and w.dim() == 2 and x.shape[-1] == w.shape[1] and x.is_contiguous()):
+        return None
+    for v in (bias, *required) if bias is not None else required:
+        if not (isinstance(v, torch.Tensor) and v.is_cpu):
+            return None
+    x2 = x.view(-1, w.shape[1])
+    return x2 if x2.shape[0] < PREFILL_MIN_ROWS[kind] else None
+
+
 def _args(fn, x, w, wdtype, xdtypes, bias, w_scale=None):
-    """-> (x as (M, K), w, w_scale, bias), checked. Decode calls the wrappers ~100 times a token and the full checks
-    cost more than a small layer's matmul, so a cheap pass goes first; anything it does not accept takes the full
-    checks, which name the mistake (the C++ op checks dtypes and shapes again either way)."""
-    vecs = ((bias, _FLOATS), (w_scale, (torch.float32,))) if wdtype == torch.int8 else ((bias, _FLOATS),)
-    if (type(x) is torch.Tensor and isinstance(w, torch.Tensor) and x.is_cpu and w.is_cpu
-            and x.dtype in xdtypes and w.dtype == wdtype and w.dim() == 2 and x.dim() >= 1
-            and x.shape[-1] == w.shape[1] and x.is_contiguous() and w.is_contiguous()
-            and all(v is None or (isinstance(v, torch.Tensor) and v.is_cpu and v.dim() == 1
-                                  and v.shape[0] == w.shape[0] and v.dtype in dtypes and v.is_contiguous())
-                    for v, dtypes in vecs)):
-        return x.view(-1, w.shape[1]), w, w_scale, bias
+    """-> (x as (M, K), w, w_scale, bias), checked, with messages that name the mistake."""
     w = _check_w(w, wdtype, fn, name="wq" if wdtype == torch.int8 else "w")
     x2 = _check_x(x, w.shape[1], xdtypes, fn)
     if wdtype == torch.int8:
+        if w_scale is None:
+            raise ValueError(f"{fn}: w_scale is required: the per-row scales that quantize_rows returned with wq")
         w_scale = _check_vec(w_scale, w.shape[0], (torch.float32,), fn, "w_scale")
     return x2, w, w_scale, _check_vec(bias, w.shape[0], _FLOATS, fn, "bias")
 
@@ -173,6 +184,11 @@ def quantize_activations(x: torch.Tensor, threshold: float = 6.0):
 
 def linear_w8a8(x, wq, w_scale, bias=None, threshold=6.0):
     """LLM.int8() y = x @ deq(wq)^T + b: per-token int8 activations, outlier columns (|x| > threshold) in fp32."""
+    if (x2 := _decode_rows(x, wq, "w8a8", bias, w_scale)) is not None:
+        try:
+            return _ops().linear_w8a8(x2, wq, w_scale, bias, float(threshold)).view(*x.shape[:-1], wq.shape[0])
+        except (RuntimeError, TypeError):
+            pass
     x2, wq, w_scale, bias = _args("linear_w8a8", x, wq, torch.int8, _FLOATS, bias, w_scale)
     N = wq.shape[0]
     if x2.shape[0] >= PREFILL_MIN_ROWS["w8a8"]:
@@ -196,6 +212,11 @@ def _w8a8_int_mm(x2, wq, w_scale, bias, threshold):
 
 def linear_int8_weight(x, wq, w_scale, bias=None):
     """Weight-only int8: y = (x @ wq^T) * w_scale (+ b), x fp32|bf16, fp32 accumulation, y in x's dtype."""
+    if (x2 := _decode_rows(x, wq, "int8_weight", bias, w_scale)) is not None:
+        try:
+            return _ops().linear_int8_weight(x2, wq, w_scale, bias).view(*x.shape[:-1], wq.shape[0])
+        except (RuntimeError, TypeError):
+            pass
     x2, wq, w_scale, bias = _args("linear_int8_weight", x, wq, torch.int8, _FLOATS, bias, w_scale)
     N = wq.shape[0]
     return _ops().linear_int8_weight(x2, wq, w_scale, bias).reshape(*x.shape[:-1], N)
@@ -203,6 +224,11 @@ def linear_int8_weight(x, wq, w_scale, bias=None):
 
 def linear_bf16(x, w, bias=None):
     """y = x @ w^T (+ b): bf16 x and w, fp32 accumulation, bf16 out."""
+    if (x2 := _decode_rows(x, w, "bf16", bias)) is not None:
+        try:
+            return _ops().linear_bf16(x2, w, bias).view(*x.shape[:-1], w.shape[0])
+        except (RuntimeError, TypeError):
+            pass
     x2, w, _, bias = _args("linear_bf16", x, w, torch.bfloat16, (torch.bfloat16,), bias)
     N = w.shape[0]
     if x2.shape[0] >= PREFILL_MIN_ROWS["bf16"]:
@@ -214,6 +240,11 @@ def linear_bf16(x, w, bias=None):
 
 def linear_f32(x, w, bias=None):
     """y = x @ w^T (+ b) in fp32: our kernel for decode rows, F.linear from PREFILL_MIN_ROWS["f32"] rows on."""
+    if (x2 := _decode_rows(x, w, "f32", bias)) is not None:
+        try:
+            return _ops().linear_f32(x2, w, bias).view(*x.shape[:-1], w.shape[0])
+        except (RuntimeError, TypeError):
+            pass
     x2, w, _, bias = _args("linear_f32", x, w, torch.float32, (torch.float32,), bias)
     N = w.shape[0]
     if x2.shape[0] >= PREFILL_MIN_ROWS["f32"]:

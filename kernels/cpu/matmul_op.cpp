@@ -43,13 +43,14 @@ static void check_args(const Tensor& x, const Tensor& w, ScalarType wdt, const T
   STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float || is_bf16(x), "x must be float32 or bfloat16");
   STD_TORCH_CHECK(w.scalar_type() == wdt && w.size(1) == x.size(1), "w has the wrong dtype or K");
   if (w_scale)
-    STD_TORCH_CHECK(w_scale->scalar_type() == ScalarType::Float && w_scale->is_contiguous() &&
+    STD_TORCH_CHECK(w_scale->is_cpu() && w_scale->scalar_type() == ScalarType::Float && w_scale->is_contiguous() &&
                         w_scale->numel() == w.size(0),
-                    "w_scale must be float32 (N,)");
+                    "w_scale must be a float32 (N,) CPU tensor");
   if (bias)
-    STD_TORCH_CHECK((bias->scalar_type() == ScalarType::Float || is_bf16(*bias)) && bias->is_contiguous() &&
+    STD_TORCH_CHECK(bias->is_cpu() && (bias->scalar_type() == ScalarType::Float || is_bf16(*bias)) &&
+                        bias->is_contiguous() &&
                         bias->numel() == w.size(0),
-                    "bias must be float32 or bfloat16 (N,)");
+                    "bias must be a float32 or bfloat16 (N,) CPU tensor");
 }
 
 static const void* bias_ptr(const std::optional<Tensor>& b) { return b ? b->data_ptr() : nullptr; }

@@ -185,6 +185,34 @@ def test_validation_errors():
         mm.quantize_rows(wq)
 
 
+@needs_ext
+@pytest.mark.parametrize("fn", ["w8a8", "int8_weight", "bf16", "f32"])
+def test_decode_fast_path_still_names_the_mistake(fn):
+    # Decode calls skip the Python checks and rely on the op's own; every mistake must still end in the message.
+    w = _w(8, 16)
+    wq, ws = mm.quantize_rows(w)
+    call = {"w8a8": lambda x, b=None, s=ws: mm.linear_w8a8(x, wq, s, b),
+            "int8_weight": lambda x, b=None, s=ws: mm.linear_int8_weight(x, wq, s, b),
+            "bf16": lambda x, b=None, s=None: mm.linear_bf16(x.bfloat16(), w.bfloat16(), b),
+            "f32": lambda x, b=None, s=None: mm.linear_f32(x, w, b)}[fn]
+    x = _x(1, 16)
+    with pytest.raises(ValueError, match="last dim"):
+        call(_x(2, 8))                                        # numel 16: viewing it as (-1, 16) would succeed
+    with pytest.raises(ValueError, match="bias.*meta"):
+        call(x, torch.zeros(8, device="meta"))                # would dispatch to the fake implementation
+    with pytest.raises(ValueError, match="bias"):
+        call(x, "not a tensor")
+    with pytest.raises(ValueError, match="bias"):
+        call(x, torch.zeros(8)[::2].repeat(2)[:7])
+    if fn in ("w8a8", "int8_weight"):
+        with pytest.raises(ValueError, match="w_scale is required"):
+            call(x, None, None)
+        with pytest.raises(ValueError, match="w_scale"):
+            call(x, None, ws.double())
+    strided = _x(2, 32)[:1, ::2]                              # not contiguous: the full path copies it
+    assert torch.equal(call(strided), call(strided.contiguous()))
+
+
 def test_quantize_rows_ref():
     w = _w(5, 33)
     w[2] = 0
