@@ -601,7 +601,7 @@ def run(args) -> int:
                      "folder": folder, "dtype": args.dtype, "quantize": quantize, "peers": peers,
                      "batch": batch_sizes, "prompt_tokens": args.prompt_tokens, "new_tokens": new_tokens,
                      "threads": args.threads, "repeats": args.repeats, "backend": args.backend,
-                     "quiet_threshold": args.quiet_threshold},
+                     "compile": args.compile, "quiet_threshold": args.quiet_threshold},
         "variants": [v.__dict__ for v in variants], "weight_bytes_per_step": weight_bytes,
         "missing": missing, "not_measured": not_measured, "failed": [], "floor_samples": [], "runs": [],
     }
@@ -622,7 +622,8 @@ def run(args) -> int:
                 continue
             spec = {"task": "run", "engine": v.engine, "precision": v.precision, "dtype": v.dtype,
                     "quantize": v.precision if v.precision in QUANT_MODES else None,
-                    "int8_threshold": args.int8_threshold, "backend": args.backend, "device": device,
+                    "int8_threshold": args.int8_threshold, "backend": args.backend, "compile": args.compile,
+                    "device": device,
                     "folder": folder, "ct2_folder": prep["ct2"].get(v.precision) if v.engine == "ctranslate2" else None,
                     "compute_type": v.compute_type, "threads": args.threads, "batches": batches}
             rec = dict(measure(spec, args), variant=v.name, engine=v.engine, precision=v.precision, round=rnd)
@@ -685,6 +686,8 @@ def command_line(args) -> str:
                                  ("--int8-threshold", args.int8_threshold, 6.0)):
         if value != default:
             parts += [flag, str(value)]
+    if args.compile:
+        parts.append("--compile")
     return " ".join(shlex.quote(p) for p in parts)
 
 

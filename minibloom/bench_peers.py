@@ -86,9 +86,10 @@ class MinibloomEngine:
         import minibloom
         self.torch = torch
         self.lm = minibloom.load(spec["folder"], dtype=spec["dtype"], device=spec["device"], backend=spec["backend"],
-                                 quantize=spec["quantize"], int8_threshold=spec["int8_threshold"])
+                                 quantize=spec["quantize"], int8_threshold=spec["int8_threshold"],
+                                 compile=spec.get("compile", False))
         self.sync = torch.cuda.synchronize if spec["device"].startswith("cuda") else (lambda: None)
-        return {"backend": self.lm.model.backend.name, "version": minibloom.__version__ if hasattr(
+        return {"backend": self.lm.model.backend.name + (" + compile" if spec.get("compile") else ""), "version": minibloom.__version__ if hasattr(
             minibloom, "__version__") else "", "torch": torch.__version__}
 
     def generate(self, ids, n):

@@ -30,6 +30,9 @@ def add_model_arguments(p: argparse.ArgumentParser, default_model=DEFAULT_MODEL)
                    help="int8: LLM.int8() weights and activations; int8-weight: int8 weights, float activations")
     p.add_argument("--int8-threshold", type=float, default=6.0,
                    help="LLM.int8() outlier threshold: activation columns above it stay in float (default 6.0)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each decode step through torch.compile: faster steps, but the first one compiles "
+                        "(20-70 s on a 2-core CPU, cached on disk); pays off for long generations")
 
 
 def positive_int(text):
@@ -74,7 +77,8 @@ def parser() -> argparse.ArgumentParser:
 def load_from_args(args):
     from .lm import load
     return load(args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
-                backend=args.backend, quantize=args.quantize, int8_threshold=args.int8_threshold)
+                backend=args.backend, quantize=args.quantize, int8_threshold=args.int8_threshold,
+                compile=args.compile)
 
 
 def generate(args) -> int:
@@ -88,6 +92,9 @@ def generate(args) -> int:
     lm = load_from_args(args)
     print(f"[minibloom] loaded {lm.folder} ({lm.dtype}, {lm.device}, backend {lm.model.backend.name}) "
           f"in {lm.load_seconds:.2f} s", file=sys.stderr)
+    if args.compile:
+        print("[minibloom] --compile: the first decode step compiles (20-70 s on 2 cores; cached on disk)",
+              file=sys.stderr)
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                    stop=args.stop, seed=args.seed, num_beams=args.num_beams)

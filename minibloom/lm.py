@@ -37,13 +37,15 @@ def parse_device(device) -> torch.device:
 
 
 def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "auto", quantize=None,
-         int8_threshold: float = 6.0) -> "LM":
+         int8_threshold: float = 6.0, compile: bool = False) -> "LM":
     """Load a BLOOM/BLOOMZ or mT5/mT0/T5 checkpoint: a folder, a Hub repo id or a family name (bloomz-560m).
 
     dtype: 'float32' | 'bfloat16' | 'float16' | None (the checkpoint's own dtype).
     device: 'cpu' | 'cuda' | 'cuda:N'.  backend: 'auto' | 'reference' | 'fused'.
     quantize: None | 'int8' (LLM.int8(): int8 weights and activations) | 'int8-weight' (int8 weights only).
     int8_threshold: LLM.int8() outlier threshold (activation columns above it are computed in float).
+    compile: run each decode step through torch.compile (faster steps; the first one compiles, see
+    ops.compile_decode).
     """
     t0 = time.perf_counter()
     dev = parse_device(device)
@@ -77,6 +79,8 @@ def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "
             m.dtype = dtype
     net.eval()
     be.attach(net)
+    if compile:
+        net.compile_step()
     lm = LM(net, Tokenizer(folder, config), config, folder, dtype, dev)
     lm.load_seconds = time.perf_counter() - t0
     return lm

@@ -21,7 +21,7 @@ def test_help_explains_everything():
     assert out.returncode == 0 and "generate" in out.stdout and "bench" in out.stdout
     out = run("generate", "--help")
     for flag in ("--model", "--dtype", "--max-new-tokens", "--do-sample", "--temperature", "--top-k", "--top-p",
-                 "--repetition-penalty", "--seed", "--stop", "--backend", "--quantize"):
+                 "--repetition-penalty", "--seed", "--stop", "--backend", "--quantize", "--compile"):
         assert flag in out.stdout
 
 
@@ -30,6 +30,13 @@ def test_generate_streams_to_stdout_and_reports_on_stderr(folder):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
     assert "loaded" in out.stderr and " s" in out.stderr
+
+
+def test_generate_compiled_prints_the_same_text(folder):
+    args = ("generate", "--model", folder, "--max-new-tokens", "6", "Translate to English: Je t'aime.")
+    eager, compiled = run(*args), run(*args, "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout and "--compile" in compiled.stderr
 
 
 def test_prompt_from_stdin_and_seeded_sampling(folder):
