@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import ops
 from .errors import MinibloomError
 
 SAFETENSORS_DTYPES = {
@@ -159,12 +160,16 @@ class Checkpoint:
     def dtype(self, key: str) -> torch.dtype:
         return self.where[key].entries[key][0]
 
-    def tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor in `dtype`: a memory-mapped view if no conversion is needed, else a converted copy."""
+    def tensor(self, key: str, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+        """The tensor in `dtype` on `device` (default CPU): a memory-mapped view if no conversion or move is needed,
+        else a converted copy, on the CPU in memory that asks for huge pages (ops.empty_huge)."""
         file = self.where[key]
+        device = torch.device(device or "cpu")
         if dtype is None or dtype == self.dtype(key):
-            return file.view(key)
-        return file.read(key).to(dtype)
+            return file.view(key).to(device)
+        if device.type != "cpu":
+            return file.read(key).to(device=device, dtype=dtype)
+        return ops.empty_huge(self.shape(key), dtype, device).copy_(file.read(key))
 
     def rows(self, key: str, rows: slice) -> torch.Tensor:
         """Rows of a tensor in its own dtype, in fresh memory (for quantizing a chunk at a time)."""
@@ -215,7 +220,7 @@ def load_tensors(model: torch.nn.Module, ckpt: Checkpoint, names: dict[str, list
         module = model.get_submodule(module_name)
         if quantize is not None and quantize(module, attr, ckpt, key):
             continue
-        value = ckpt.tensor(key, dtype if ckpt.dtype(key).is_floating_point else None).to(device)
+        value = ckpt.tensor(key, dtype if ckpt.dtype(key).is_floating_point else None, device)
         if attr in module._parameters:
             module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
         else:

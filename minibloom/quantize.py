@@ -66,7 +66,7 @@ class Quantizer:
         if getattr(module, "keep_float", False):
             return False
         N, K = ckpt.shape(key)
-        wq = torch.empty(N, K, dtype=torch.int8, device=self.device)
+        wq = ops.empty_huge((N, K), torch.int8, self.device)
         scale = torch.empty(N, dtype=torch.float32, device=self.device)
         for start in range(0, N, CHUNK_ROWS):  # a few MB of float rows in memory at a time
             rows = slice(start, min(start + CHUNK_ROWS, N))

@@ -187,3 +187,43 @@ def test_bad_device():
 def test_bad_backend():
     with pytest.raises(MinibloomError, match="unknown backend"):
         minibloom.load(bloom_checkpoint(TINY_BLOOM), backend="fast")
+
+
+def _thp_eligible(ptr: int) -> bool | None:
+    """THPeligible of the mapping that holds ptr (/proc/self/smaps), None where the kernel does not say."""
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= ptr < hi
+        elif inside and line.startswith("THPeligible:"):
+            return line.split()[1] == "1"
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux memory advice")
+def test_streamed_memory_is_aligned_and_advised_for_huge_pages():
+    from minibloom import ops
+    t = ops.empty_huge((3, 1 << 20), torch.float32, "cpu")                  # 12 MiB
+    assert t.shape == (3, 1 << 20) and t.dtype == torch.float32 and t.data_ptr() % ops.HUGE_PAGE == 0
+    t.fill_(2.0)
+    assert float(t.sum()) == 2.0 * t.numel()
+    small = ops.empty_huge((10,), torch.int8, "cpu")                      # below 2 MiB: a plain tensor
+    assert small.shape == (10,)
+    thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read() if \
+        __import__("os").path.exists("/sys/kernel/mm/transparent_hugepage/enabled") else "[never]"
+    if "[never]" not in thp:
+        assert _thp_eligible(t.data_ptr()) in (True, None)
+    # what decoding streams goes through it: quantized weights, converted float weights, the KV cache
+    folder = bloom_checkpoint(dict(TINY_BLOOM, vocab_size=40000, hidden_size=64), dtype=torch.float16)
+    lm = minibloom.load(folder, quantize="int8", dtype="float32")
+    assert lm.model.word_embeddings.weight.data_ptr() % ops.HUGE_PAGE == 0          # 40000 x 64 int8
+    lm = minibloom.load(folder, dtype="float32")                                     # converted from fp16
+    assert lm.model.word_embeddings.weight.data_ptr() % ops.HUGE_PAGE == 0
+    cache = ops.KVCache(1, 4, 4096, 128, torch.float32, "cpu")
+    assert cache.k.data_ptr() % ops.HUGE_PAGE == 0 and not cache.k.any()
