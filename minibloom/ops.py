@@ -12,6 +12,7 @@ Conventions shared with the kernels (kernels/attention_ref.py is their executabl
   causal: query t sees key j only if j <= t + q_offset
 """
 import math
+import os
 import sys
 from dataclasses import dataclass
 
@@ -151,12 +152,15 @@ def empty_huge(shape, dtype, device) -> torch.Tensor:
     gives such pages to anonymous memory only where madvise(MADV_HUGEPAGE) asked (THP mode "madvise", the common
     default), and only to pages not yet touched: so the memory is a fresh anonymous mapping of its own (malloc
     could hand back pages already in use), freed with the tensor. The alignment costs up to 2 MiB of address space
-    per tensor, never touched, so no memory. A hint: where the kernel declines it, only speed changes."""
+    per tensor, never touched, so no memory. A hint: where the kernel declines it, only speed changes.
+    The cost is at load: where free memory is fragmented, the first touch of each huge page waits for the kernel
+    to compact memory (measured +0.2 to +1.7 s on a bloomz-560m-shaped load). MINIBLOOM_HUGE_PAGES=0 turns it off."""
     global _libc
     shape = tuple(shape)
     nbytes = math.prod(shape) * dtype.itemsize
     device = torch.device(device)
-    if device.type != "cpu" or nbytes < HUGE_PAGE or not sys.platform.startswith("linux"):
+    if (device.type != "cpu" or nbytes < HUGE_PAGE or not sys.platform.startswith("linux")
+            or os.environ.get("MINIBLOOM_HUGE_PAGES", "1") == "0"):
         return torch.empty(shape, dtype=dtype, device=device)
     import ctypes
     import mmap

@@ -3,6 +3,7 @@
 Only tiny shapes run here; the figures' values are not checked (speed is never measured in tests), only that every
 figure exists and is consistent."""
 import json
+import sys
 
 import pytest
 import torch
@@ -172,6 +173,8 @@ def test_read_bandwidth_probe():
     bw = read_bandwidth(16 * 2**20, threads=1, repeats=2)
     assert bw["gbps"] == max(bw["by_method"].values()) > 0 and bw["bytes"] == 16 * 2**20
     assert bw["method"] in bw["by_method"]
+    if sys.platform.startswith("linux"):           # the floor also reads memory laid out as minibloom's weights
+        assert "torch.sum float64, huge pages" in bw["by_method"]
 
 
 def test_busy_share_from_proc_stat():

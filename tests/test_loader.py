@@ -227,3 +227,10 @@ def test_streamed_memory_is_aligned_and_advised_for_huge_pages():
     assert lm.model.word_embeddings.weight.data_ptr() % ops.HUGE_PAGE == 0
     cache = ops.KVCache(1, 4, 4096, 128, torch.float32, "cpu")
     assert cache.k.data_ptr() % ops.HUGE_PAGE == 0 and not cache.k.any()
+
+
+def test_huge_pages_can_be_turned_off(monkeypatch):
+    from minibloom import ops
+    monkeypatch.setenv("MINIBLOOM_HUGE_PAGES", "0")
+    t = ops.empty_huge((3, 1 << 20), torch.float32, "cpu")
+    assert t.untyped_storage().resizable()                      # torch's own allocation, not a separate mapping
