@@ -132,7 +132,7 @@ class Bloom(nn.Module):
         self.register_buffer("slopes", ops.alibi_slopes(cfg.n_head), persistent=False)  # (H,) fp32
         self.backend = ops.REFERENCE
         self.taps = None  # {name: tensor} when tracing (see minibloom.trace); None costs nothing
-        self.step_hidden = self.hidden  # what `step` runs; compile_step() swaps in the torch.compile'd version
+        self.compiled_hidden = None  # `hidden` through torch.compile, for `step` (compile_step)
 
     # -- the forward pass ------------------------------------------------------------------------------------------
     def hidden(self, ids, key_pos, caches=None, start=0):
@@ -178,12 +178,13 @@ class Bloom(nn.Module):
         L = state.length
         state.mask[:, L] = 1
         state.length = L + 1
-        x = self.step_hidden(tokens[:, None], ops.positions_from_mask(state.mask[:, :L + 1]), state.caches, L)
+        hidden = self.compiled_hidden or self.hidden
+        x = hidden(tokens[:, None], ops.positions_from_mask(state.mask[:, :L + 1]), state.caches, L)
         return self.logits(x[:, -1])
 
     def compile_step(self):
         """Run `step` through torch.compile (ops.compile_decode); prefill stays eager."""
-        self.step_hidden = ops.compile_decode(self.hidden)
+        self.compiled_hidden = ops.compile_decode(self.hidden)
 
     def cache_bytes(self, B: int, S: int, dtype) -> int:
         """Bytes of the KV cache for B rows of S tokens: keys and values for every layer."""

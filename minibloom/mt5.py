@@ -279,7 +279,7 @@ class T5(nn.Module):
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size)   # untied (mT5) or tied to `shared` by `tie`
         self.backend = ops.REFERENCE
         self.taps = None  # {name: tensor} when tracing; None costs nothing
-        self.step_decode = self.decode  # what `step` runs; compile_step() swaps in the torch.compile'd version
+        self.compiled_decode = None  # `decode` through torch.compile, for `step` (compile_step)
 
     @property
     def act_dtype(self) -> torch.dtype:
@@ -362,12 +362,12 @@ class T5(nn.Module):
         state.length = L + 1
         # The start token (L = 0) runs eagerly: torch.compile specializes a size-1 cache, so compiling it would
         # cost a second compile.
-        decode = self.step_decode if L > 0 else self.decode
+        decode = self.compiled_decode if L > 0 and self.compiled_decode else self.decode
         return decode(tokens[:, None], state.cross, state.enc_pos, state.caches, L)[:, -1]
 
     def compile_step(self):
         """Run `step` through torch.compile (ops.compile_decode); the encoder and the start token stay eager."""
-        self.step_decode = ops.compile_decode(self.decode)
+        self.compiled_decode = ops.compile_decode(self.decode)
 
     def cache_bytes(self, B: int, S: int, dtype) -> int:
         """Bytes of the caches for B rows of S tokens (prompt + new): self-attention K/V for the new tokens and

@@ -143,18 +143,14 @@ _libc = None
 
 
 def empty_huge(shape, dtype, device) -> torch.Tensor:
-    """torch.empty whose memory starts on a 2 MiB boundary and is marked for transparent huge pages before anything
-    touches it (CPU, Linux, tensors of 2 MiB or more; the tail past the last whole 2 MiB stays in 4 KiB pages).
+    """torch.empty in its own fresh mapping, 2 MiB-aligned and advised MADV_HUGEPAGE before anything touches it
+    (CPU, Linux, 2 MiB or more; the tail past the last whole 2 MiB stays in 4 KiB pages).
 
-    Decoding reads every weight and the whole KV cache once per token. With 4 KiB pages a stream crosses a page
-    (a TLB miss, and the edge of the hardware prefetcher's reach) every 4 KiB. Measured on the project's EPYC VM
-    (kernels/MATMUL.md): torch.sum over 1 GiB read 9-22% faster from huge pages, the W8A8 lm_head 26%. Linux
-    gives such pages to anonymous memory only where madvise(MADV_HUGEPAGE) asked (THP mode "madvise", the common
-    default), and only to pages not yet touched: so the memory is a fresh anonymous mapping of its own (malloc
-    could hand back pages already in use), freed with the tensor. The alignment costs up to 2 MiB of address space
-    per tensor, never touched, so no memory. A hint: where the kernel declines it, only speed changes.
-    The cost is at load: where free memory is fragmented, the first touch of each huge page waits for the kernel
-    to compact memory (measured +0.2 to +1.7 s on a bloomz-560m-shaped load). MINIBLOOM_HUGE_PAGES=0 turns it off."""
+    Decoding streams every weight and the whole KV cache once per token; in 4 KiB pages each stream takes a TLB
+    miss and loses the hardware prefetcher every 4 KiB (huge pages: decode step -7 to -10% in int8 and bf16,
+    kernels/MATMUL.md). Linux grants them to untouched anonymous memory that asked (THP mode "madvise"), hence a
+    mapping of our own rather than malloc's reused pages. Costs: up to 2 MiB of untouched address space per tensor,
+    and a slower load where the kernel must compact memory first. MINIBLOOM_HUGE_PAGES=0 turns it off."""
     global _libc
     shape = tuple(shape)
     nbytes = math.prod(shape) * dtype.itemsize
@@ -287,9 +283,9 @@ def compile_decode(fn):
     """torch.compile for the one-token decode step (`load(..., compile=True)`, `--compile`).
 
     In eager mode a BLOOM decode step spends ~4.5 ms in Python and small ops between the kernels (two layer
-    norms, GELU, residuals, cache writes: ~190 us per layer on a 2-core EPYC); compiled, inductor fuses them into
-    C++ and the custom kernels are called through their registered fake implementations. dynamic=True: the cache
-    length grows every step and must not trigger a recompile. fullgraph=True: a graph break would be a silent
+    norms, GELU, residuals, cache writes: ~190 us per layer on a 2-core EPYC); inductor fuses those into C++.
+    The custom kernels are traced through their fake implementations and run as they are. dynamic=True: the
+    cache grows every step and must not trigger a recompile. fullgraph=True: a graph break would be a silent
     slowdown, so it is an error. The first step compiles (about 20-70 s on 2 cores; cached on disk by torch)."""
     compiled = torch.compile(fn, dynamic=True, fullgraph=True)
 
