@@ -138,22 +138,33 @@ def _check_vec(v, N, dtypes, fn, name):
 _FLOATS = (torch.float32, torch.bfloat16)
 
 
-def _decode_rows(x, w, kind, bias, *required):
-    """x as (M, K) for the C++ op when this is a decode call, else None.
+_DECODE_OPS = {"w8a8": "linear_w8a8", "int8_weight": "linear_int8_weight", "bf16": "linear_bf16", "f32": "linear_f32"}
+
+
+def _decode_call(kind, x, w, bias, *scale_and_extra):
+    """The op's result, shaped (*x.shape[:-1], N), for a decode call; None when the full path must run.
 
     Decode calls the wrappers ~100 times a token, and checking every argument in Python cost 11 us a call (more
     than the matmul of a small layer). So a decode call goes straight to the op, whose own checks (matmul_op.cpp:
     dtypes, shapes, contiguity) are the safety net. Checked here: K, because viewing a wrong-K x as (-1, K) could
     succeed, and the devices, because a meta tensor among CPU ones would dispatch to the fake implementation.
-    required: w_scale for the int8 kernels. If the op refuses, the full checks run and name the mistake."""
+    scale_and_extra: (w_scale, threshold) for W8A8, (w_scale,) for weight-only int8, () for the float kernels.
+    If the op refuses, the caller's full checks run and name the mistake."""
     if not (type(x) is torch.Tensor and isinstance(w, torch.Tensor) and x.is_cpu and w.is_cpu and x.dim() >= 1
             and w.dim() == 2 and x.shape[-1] == w.shape[1] and x.is_contiguous()):
         return None
-    for v in (bias, *required) if bias is not None else required:
+    scale = scale_and_extra[:1]
+    for v in (bias, *scale) if bias is not None else scale:
         if not (isinstance(v, torch.Tensor) and v.is_cpu):
             return None
     x2 = x.view(-1, w.shape[1])
-    return x2 if x2.shape[0] < PREFILL_MIN_ROWS[kind] else None
+    if x2.shape[0] >= PREFILL_MIN_ROWS[kind]:
+        return None
+    try:
+        y = getattr(_ops(), _DECODE_OPS[kind])(x2, w, *scale, bias, *scale_and_extra[1:])
+    except (RuntimeError, TypeError):
+        return None
+    return y.view(*x.shape[:-1], w.shape[0])
 
 
 def _args(fn, x, w, wdtype, xdtypes, bias, w_scale=None):
@@ -184,11 +195,8 @@ def quantize_activations(x: torch.Tensor, threshold: float = 6.0):
 
 def linear_w8a8(x, wq, w_scale, bias=None, threshold=6.0):
     """LLM.int8() y = x @ deq(wq)^T + b: per-token int8 activations, outlier columns (|x| > threshold) in fp32."""
-    if (x2 := _decode_rows(x, wq, "w8a8", bias, w_scale)) is not None:
-        try:
-            return _ops().linear_w8a8(x2, wq, w_scale, bias, float(threshold)).view(*x.shape[:-1], wq.shape[0])
-        except (RuntimeError, TypeError):
-            pass
+    if (y := _decode_call("w8a8", x, wq, bias, w_scale, float(threshold))) is not None:
+        return y
     x2, wq, w_scale, bias = _args("linear_w8a8", x, wq, torch.int8, _FLOATS, bias, w_scale)
     N = wq.shape[0]
     if x2.shape[0] >= PREFILL_MIN_ROWS["w8a8"]:
@@ -212,11 +220,8 @@ def _w8a8_int_mm(x2, wq, w_scale, bias, threshold):
 
 def linear_int8_weight(x, wq, w_scale, bias=None):
     """Weight-only int8: y = (x @ wq^T) * w_scale (+ b), x fp32|bf16, fp32 accumulation, y in x's dtype."""
-    if (x2 := _decode_rows(x, wq, "int8_weight", bias, w_scale)) is not None:
-        try:
-            return _ops().linear_int8_weight(x2, wq, w_scale, bias).view(*x.shape[:-1], wq.shape[0])
-        except (RuntimeError, TypeError):
-            pass
+    if (y := _decode_call("int8_weight", x, wq, bias, w_scale)) is not None:
+        return y
     x2, wq, w_scale, bias = _args("linear_int8_weight", x, wq, torch.int8, _FLOATS, bias, w_scale)
     N = wq.shape[0]
     return _ops().linear_int8_weight(x2, wq, w_scale, bias).reshape(*x.shape[:-1], N)
@@ -224,11 +229,8 @@ def linear_int8_weight(x, wq, w_scale, bias=None):
 
 def linear_bf16(x, w, bias=None):
     """y = x @ w^T (+ b): bf16 x and w, fp32 accumulation, bf16 out."""
-    if (x2 := _decode_rows(x, w, "bf16", bias)) is not None:
-        try:
-            return _ops().linear_bf16(x2, w, bias).view(*x.shape[:-1], w.shape[0])
-        except (RuntimeError, TypeError):
-            pass
+    if (y := _decode_call("bf16", x, w, bias)) is not None:
+        return y
     x2, w, _, bias = _args("linear_bf16", x, w, torch.bfloat16, (torch.bfloat16,), bias)
     N = w.shape[0]
     if x2.shape[0] >= PREFILL_MIN_ROWS["bf16"]:
@@ -240,11 +242,8 @@ def linear_bf16(x, w, bias=None):
 
 def linear_f32(x, w, bias=None):
     """y = x @ w^T (+ b) in fp32: our kernel for decode rows, F.linear from PREFILL_MIN_ROWS["f32"] rows on."""
-    if (x2 := _decode_rows(x, w, "f32", bias)) is not None:
-        try:
-            return _ops().linear_f32(x2, w, bias).view(*x.shape[:-1], w.shape[0])
-        except (RuntimeError, TypeError):
-            pass
+    if (y := _decode_call("f32", x, w, bias)) is not None:
+        return y
     x2, w, _, bias = _args("linear_f32", x, w, torch.float32, (torch.float32,), bias)
     N = w.shape[0]
     if x2.shape[0] >= PREFILL_MIN_ROWS["f32"]:
