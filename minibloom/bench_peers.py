@@ -45,13 +45,15 @@ def read_bandwidth(nbytes: int, threads: int, repeats: int, device: str = "cpu")
     its weights and KV cache (ops.empty_huge): that reads faster, and a floor must be the fastest read the machine
     does. The buffers are filled first so every page is really backed by memory."""
     torch = _torch_threads(threads)
-    buffers = {"": torch.ones(nbytes // 8, dtype=torch.float64, device=device)}
+    n = nbytes // 8
+    buffers = {"": lambda: torch.ones(n, dtype=torch.float64, device=device)}   # built one at a time
     if not device.startswith("cuda"):
         from minibloom import ops
-        buffers[", huge pages"] = ops.empty_huge((nbytes // 8,), torch.float64, device).fill_(1.0)
+        buffers[", huge pages"] = lambda: ops.empty_huge((n,), torch.float64, device).fill_(1.0)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     by_method = {}
-    for pages, x in buffers.items():
+    for pages, make in buffers.items():
+        x = make()
         for dtype in (torch.float64, torch.float32, torch.int64):
             view = x.view(dtype)
             view.sum()  # warm-up
@@ -62,11 +64,10 @@ def read_bandwidth(nbytes: int, threads: int, repeats: int, device: str = "cpu")
                 view.sum()
                 sync()
                 best = min(best, time.perf_counter() - t0)
-            by_method[f"torch.sum {str(dtype).removeprefix('torch.')}{pages}"] = x.numel() * 8 / best / 1e9
+            by_method[f"torch.sum {str(dtype).removeprefix('torch.')}{pages}"] = n * 8 / best / 1e9
+        del x, view
     method = max(by_method, key=by_method.get)
-    x = buffers[""]
-    return {"gbps": by_method[method], "method": method, "by_method": by_method, "bytes": x.numel() * 8}
-
+    return {"gbps": by_method[method], "method": method, "by_method": by_method, "bytes": n * 8}
 
 # -- engines: load(spec) -> info; generate(ids, n) -> {"ttft_s", "decode_s", "tokens"} ------------------------------------
 
