@@ -14,7 +14,8 @@ Method (each point is there because the number would lie without it):
     run is measured too (machine busy time minus the worker's own). Loaded runs are kept and marked, never hidden;
   * the floor is the machine's read bandwidth measured in the same run (a reduction over a buffer far larger than
     L3, best of N): a decode step cannot be faster than (weight bytes it reads) / (bandwidth).
-The worker code (engine loading, timing, conversion, the bandwidth probe) is in bench_peers.py.
+The worker code (engine loading, timing, conversion, the bandwidth probe) is in bench_peers.py; the tables and
+the chart are in bench_report.py.
 """
 import argparse
 import datetime
