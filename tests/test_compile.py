@@ -39,7 +39,8 @@ def test_compiled_step_equals_eager_and_compiles_once(folders, arch, backend, qu
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    # Inductor may reorder fp32 reductions (norms, softmax): a few ulp of the logits' magnitude
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-5)
 
 
 def test_compile_failure_names_the_remedy():
