@@ -5,13 +5,22 @@ symmetric absmax int8, per output row for weights and per token for activations,
 any |x| > threshold ("outlier features") kept in floating point. Scales are applied by dividing (x / s),
 never by multiplying with 1/s: the two round differently on half-way cases.
 """
+import math
+
 import torch
+
+
+def _absmax(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """max |t| along dim; 0 where dim is empty (a zero-row batch, a K = 0 layer)."""
+    if t.shape[dim] == 0:
+        return t.new_zeros(t.shape[:dim] + t.shape[dim + 1:])
+    return t.abs().amax(dim=dim)
 
 
 def quantize_rows_ref(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (N, K) float -> (wq int8 (N, K), scale fp32 (N,)); scale = absmax(row) / 127, all-zero row -> 1."""
     w = w.float()
-    scale = w.abs().amax(dim=1) / 127
+    scale = _absmax(w, 1) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))                # (N,)
     wq = torch.round(w / scale[:, None]).to(torch.int8)                          # (N, K)
     return wq, scale
@@ -21,12 +30,12 @@ def quantize_activations_ref(x: torch.Tensor, threshold: float = 6.0):
     """x (M, K) -> (xq int8 (M, K), s_x fp32 (M,), outlier columns int32): the activation side of linear_w8a8."""
     x = x.float()
     if threshold > 0:
-        outliers = torch.nonzero(x.abs().amax(dim=0) > threshold)[:, 0].to(torch.int32)
+        outliers = torch.nonzero(_absmax(x, 0) > threshold)[:, 0].to(torch.int32)
     else:
         outliers = torch.zeros(0, dtype=torch.int32)
     x_in = x.clone()
     x_in[:, outliers.long()] = 0
-    s_x = x_in.abs().amax(dim=1) / 127
+    s_x = _absmax(x_in, 1) / 127
     s_x = torch.where(s_x > 0, s_x, torch.ones_like(s_x))                         # (M,)
     xq = torch.round(x_in / s_x[:, None]).to(torch.int8)                         # (M, K)
     return xq, s_x, outliers
@@ -35,7 +44,7 @@ def quantize_activations_ref(x: torch.Tensor, threshold: float = 6.0):
 def linear_w8a8_ref(x, wq, w_scale, bias=None, threshold=6.0):
     """LLM.int8(): int8 x int8 -> int32 for the regular columns, fp32 for the outlier columns; y in x's dtype."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).float()                                         # (M, K)
+    x2 = x.reshape(math.prod(shape[:-1]), shape[-1]).float()                      # (M, K)
     xq, s_x, outliers = quantize_activations_ref(x2, threshold)
     acc = (xq.long() @ wq.long().t()).to(torch.int32)                             # (M, N), exact
     y = acc.float() * s_x[:, None] * w_scale[None, :]

@@ -542,9 +542,10 @@ extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void*
                                       (int)t5_max_distance);
   }
   const int64_t BH = B * H, nthr = omp_get_max_threads();
+  if (BH == 0) return;
   // Split-K: aim at >= 4 items per thread, but keep chunks >= 256 keys (whole blocks) so each stays a stream.
   int64_t nc = std::max<int64_t>(1, std::min((4 * nthr + BH - 1) / BH, L / 256));
-  const int64_t chunk = ((L + nc - 1) / nc + KB - 1) / KB * KB;
+  const int64_t chunk = std::max<int64_t>(KB, ((L + nc - 1) / nc + KB - 1) / KB * KB);  // L = 0: one empty chunk
   nc = std::max<int64_t>(1, (L + chunk - 1) / chunk);
   std::vector<Partial> part(BH * nc);
   std::vector<float> part_o(BH * nc * D);

@@ -9,6 +9,7 @@ processed in one pass over the weights. Above a measured M the wrappers hand the
 same semantics (see PREFILL_MIN_ROWS and MATMUL.md).
 Set MINIBLOOM_FORCE_SCALAR=1 (or call set_force_scalar(True)) to run the scalar fallback.
 """
+import math
 import os
 
 import torch
@@ -114,7 +115,7 @@ def _check_x(x, K, dtypes, fn):
         raise ValueError(f"{fn}: x must be {names}, got {x.dtype}; convert it with x.to(...)")
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"{fn}: x's last dim must equal the weight's in_features K={K}, got shape {tuple(x.shape)}")
-    return x.reshape(-1, K).contiguous()                                          # (M, K)
+    return x.reshape(math.prod(x.shape[:-1]), K).contiguous()                     # (M, K); K = 0 too
 
 
 def _check_w(w, dtype, fn, name="wq"):
@@ -151,7 +152,7 @@ def _decode_call(kind, x, w, bias, *scale_and_extra):
     scale_and_extra: (w_scale, threshold) for W8A8, (w_scale,) for weight-only int8, () for the float kernels.
     If the op refuses, the caller's full checks run and name the mistake."""
     if not (type(x) is torch.Tensor and isinstance(w, torch.Tensor) and x.is_cpu and w.is_cpu and x.dim() >= 1
-            and w.dim() == 2 and x.shape[-1] == w.shape[1] and x.is_contiguous()):
+            and w.dim() == 2 and x.shape[-1] == w.shape[1] > 0 and x.is_contiguous()):
         return None
     scale = scale_and_extra[:1]
     for v in (bias, *scale) if bias is not None else scale:

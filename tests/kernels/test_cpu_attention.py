@@ -129,6 +129,16 @@ def test_decode_fully_masked_row_is_zero(path):
     assert_close_fp32(out, R.attention_decode_ref(q, k, v, key_pos, scale=0.125, alibi_slopes=alibi_slopes(3)))
 
 
+@pytest.mark.parametrize("B,L", [(2, 0), (0, 5)])
+def test_decode_empty_batch_or_cache(path, B, L):
+    # An empty cache (no visible key) gives zeros, an empty batch an empty result: no crash (these once divided by 0).
+    q, k, v = torch.randn(B, 3, 64), torch.randn(B, 3, 8, 64), torch.randn(B, 3, 8, 64)
+    key_pos = torch.zeros(B, L, dtype=torch.int32)
+    out = A.attention_decode(q, k, v, key_pos, scale=0.125, alibi_slopes=alibi_slopes(3))
+    assert torch.equal(out, R.attention_decode_ref(q, k, v, key_pos, scale=0.125, alibi_slopes=alibi_slopes(3)))
+    assert out.shape == (B, 3, 64)
+
+
 @pytest.mark.parametrize("kind", ["alibi", "t5_causal"])
 def test_decode_bf16_within_2x_of_torch(path, kind):
     g = torch.Generator().manual_seed(1)

@@ -37,6 +37,18 @@ def _w(N, K, seed=1):
 SHAPES = [(1, 1, 1), (1, 37, 100), (3, 17, 63), (8, 33, 1030), (33, 5, 130), (2, 64, 4096)]
 
 
+@needs_ext
+@pytest.mark.parametrize("M,N,K", [(0, 8, 16), (2, 0, 16), (2, 8, 0)])
+def test_empty_dims_equal_the_reference(path, M, N, K):
+    # K = 0 is a sum over nothing: y = bias, as F.linear gives.
+    x, w, b = _x(M, K), _w(N, K), torch.randn(N)
+    wq, s = mm.quantize_rows(w)
+    torch.testing.assert_close(mm.linear_f32(x, w, b), ref.linear_f32_ref(x, w, b))
+    torch.testing.assert_close(mm.linear_bf16(x.bfloat16(), w.bfloat16(), b), ref.linear_bf16_ref(x.bfloat16(), w.bfloat16(), b))
+    torch.testing.assert_close(mm.linear_w8a8(x, wq, s, b), ref.linear_w8a8_ref(x, wq, s, b))
+    torch.testing.assert_close(mm.linear_int8_weight(x, wq, s, b), ref.linear_int8_weight_ref(x, wq, s, b))
+
+
 # --- W8A8 ---------------------------------------------------------------------------------------------------------
 
 @needs_ext
