@@ -120,10 +120,11 @@ static void run_tiles16(const Ctx& c) {
   }
 }
 
-// Row driver (AVX-512, decode: M <= 8): each OpenMP thread takes a contiguous range of weight rows and reads
-// each row once, front to back, dotting it with every row of x (which stays in L1). One sequential weight
+// Row driver (decode, M <= 8; AVX-512 and AVX2): each OpenMP thread takes a contiguous range of weight rows and
+// reads each row once, front to back, dotting it with every row of x (which stays in L1). One sequential weight
 // stream per thread is what the hardware prefetchers follow best: on Sapphire Rapids it streams W at the
-// machine's read bandwidth, where interleaving 8 rows per panel (the tile driver) reached two thirds of it.
+// machine's read bandwidth, where interleaving 8 rows per panel (the tile driver) reached two thirds of it; on
+// Zen 2 (AVX2) the 4-row tiles read lm_head at half the rate of torch.sum (kernels/MATMUL.md).
 // Row kernels keep >= 4 independent accumulators per x row to hide the dot instructions' latency.
 
 template <class Kern, int MR, class Ctx>
@@ -158,11 +159,12 @@ static bool run_rows(const Ctx& c) {
 template <int MR>
 constexpr int row_unroll() { return MR >= 4 ? 1 : 4 / MR; }
 
-// Software prefetch in the row kernels, 2 KiB ahead of the current load, on Intel only. Measured on cold
-// lm_head-sized streams: on Sapphire Rapids 0.5-2 KiB gain 10% over none (2 KiB best); on AMD Zen 4 any
-// distance (1-4 KiB) loses 10-15% against the hardware prefetcher alone (kernels/MATMUL.md).
+// Software prefetch in the row kernels, 2 KiB ahead of the current load: on Intel and on CPUs without AVX-512.
+// Measured on cold lm_head-sized streams (kernels/MATMUL.md): on Sapphire Rapids 0.5-2 KiB gain 10% over none
+// (2 KiB best); on AMD Zen 4 any distance (1-4 KiB) loses 10-15% against the hardware prefetcher alone; on AMD
+// Zen 2 (AVX2) it gains 20% for weight-only int8 and ~5% for bf16, W8A8 unchanged.
 constexpr int64_t PREFETCH = 2048;
-static const bool g_sw_prefetch = __builtin_cpu_is("intel");
+static const bool g_sw_prefetch = __builtin_cpu_is("intel") || !__builtin_cpu_supports("avx512f");
 #define ROW_PREFETCH(p)                                          \
   do {                                                           \
     if (g_sw_prefetch) _mm_prefetch((const char*)(p), _MM_HINT_T0); \
@@ -362,6 +364,7 @@ struct W8A8 {
   bool bias_bf16;
   void* y;
   bool y_bf16;
+  const int16_t* x16 = nullptr;  // (M, K) xq widened once, for the AVX2 row kernel
 
   // y = acc * s_x[m] * w_scale[n] + x[m, O] . deq(W[n, O]) + b[n]; the same float order as the reference.
   inline void store(int64_t m, int64_t n, int32_t acc) const {
@@ -443,6 +446,43 @@ struct W8A8Vnni {
 
 struct W8A8Avx2 {
   // No VNNI: sign-extend both to int16 and vpmaddwd (exact; vpmaddubsw would saturate).
+  // Rows: x is widened once (c.x16), so each 16 weights cost one widening load, one vpmaddwd and one add.
+  template <int MR>
+  TGT_AVX2 static void rows(const W8A8& c, int64_t n_begin, int64_t n_end) {
+    constexpr int U = row_unroll<MR>();
+    const int64_t K16 = c.K & ~15;
+    for (int64_t n = n_begin; n < n_end; n++) {
+      const int8_t* w = c.w + n * c.K;
+      __m256i acc[MR][U];
+      for (int i = 0; i < MR; i++)
+        for (int u = 0; u < U; u++) acc[i][u] = _mm256_setzero_si256();
+      int64_t k = 0;
+      for (; k + 16 * U <= K16; k += 16 * U) {
+#pragma GCC unroll 4
+        for (int u = 0; u < U; u++) {
+          if ((k + 16 * u) % 64 == 0) ROW_PREFETCH(w + k + 16 * u + PREFETCH);
+          const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + k + 16 * u)));
+#pragma GCC unroll 8
+          for (int i = 0; i < MR; i++)
+            acc[i][u] = _mm256_add_epi32(
+                acc[i][u], _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(c.x16 + i * c.K + k + 16 * u)), wv));
+        }
+      }
+      for (; k < K16; k += 16) {
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + k)));
+        for (int i = 0; i < MR; i++)
+          acc[i][0] = _mm256_add_epi32(
+              acc[i][0], _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(c.x16 + i * c.K + k)), wv));
+      }
+      for (int i = 0; i < MR; i++) {
+        for (int u = 1; u < U; u++) acc[i][0] = _mm256_add_epi32(acc[i][0], acc[i][u]);
+        int32_t a = hsum_epi32(acc[i][0]);
+        for (int64_t kk = K16; kk < c.K; kk++) a += (int32_t)c.x[i * c.K + kk] * (int32_t)w[kk];
+        c.store(i, n, a);
+      }
+    }
+  }
+
   template <int MR, int NR>
   TGT_AVX2 static void tile(const W8A8& c, int64_t m0, int64_t n0) {
     TILE_ROWS(MR, NR)
@@ -490,12 +530,17 @@ void linear_w8a8(const void* x, bool x_bf16, const int8_t* w, const float* w_sca
   std::vector<int32_t> outl, sum_x(M, 0);
   quantize_act_impl(x, x_bf16, M, K, threshold, q.data(), s_x.data(), outl, xo, xf,
                     use_vnni() ? sum_x.data() : nullptr);
-  const W8A8 c{q.data(), w, M, N, K, s_x.data(), w_scale, sum_x.data(), outl.data(), xo.data(),
-               (int64_t)outl.size(), bias, bias_bf16, y, x_bf16};
+  W8A8 c{q.data(), w, M, N, K, s_x.data(), w_scale, sum_x.data(), outl.data(), xo.data(),
+         (int64_t)outl.size(), bias, bias_bf16, y, x_bf16};
+  std::vector<int16_t> x16;
   if (use_vnni()) {
     if (!run_rows<W8A8Vnni>(c)) run_tiles<W8A8Vnni>(c);
   } else if (use_avx2()) {
-    run_tiles16<W8A8Avx2>(c);
+    if (M <= 8) {
+      x16.assign(q.begin(), q.end());
+      c.x16 = x16.data();
+    }
+    if (!run_rows<W8A8Avx2>(c)) run_tiles16<W8A8Avx2>(c);
   } else {
     run_tiles<W8A8Scalar>(c);
   }
@@ -514,6 +559,40 @@ TGT_AVX2 static inline __m256 load8(const uint16_t* p) {  // bf16 -> fp32 is a 1
 }
 
 struct FmaAvx2 {
+  // Rows (decode): U independent FMA chains per x row hide the FMA latency; the K % 8 tail is scalar.
+  template <int MR, class Ctx>
+  TGT_AVX2 static void rows(const Ctx& c, int64_t n_begin, int64_t n_end) {
+    constexpr int U = row_unroll<MR>();
+    const int64_t K8 = c.K & ~7;
+    for (int64_t n = n_begin; n < n_end; n++) {
+      const auto* w = c.w + n * c.K;
+      __m256 acc[MR][U];
+      for (int i = 0; i < MR; i++)
+        for (int u = 0; u < U; u++) acc[i][u] = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 8 * U <= K8; k += 8 * U) {
+#pragma GCC unroll 4
+        for (int u = 0; u < U; u++) {
+          if ((k + 8 * u) * (int64_t)sizeof(*c.w) % 64 == 0)  // one prefetch per 64-byte line
+            ROW_PREFETCH((const char*)(w + k + 8 * u) + PREFETCH);
+          const __m256 wv = load8(w + k + 8 * u);
+#pragma GCC unroll 8
+          for (int i = 0; i < MR; i++) acc[i][u] = _mm256_fmadd_ps(load8(c.x + i * c.K + k + 8 * u), wv, acc[i][u]);
+        }
+      }
+      for (; k < K8; k += 8) {
+        const __m256 wv = load8(w + k);
+        for (int i = 0; i < MR; i++) acc[i][0] = _mm256_fmadd_ps(load8(c.x + i * c.K + k), wv, acc[i][0]);
+      }
+      for (int i = 0; i < MR; i++) {
+        for (int u = 1; u < U; u++) acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][u]);
+        float a = hsum_ps(acc[i][0]);
+        for (int64_t kk = K8; kk < c.K; kk++) a += to_f(c.x[i * c.K + kk]) * to_f(w[kk]);
+        c.store(i, n, a);
+      }
+    }
+  }
+
   template <int MR, int NR, class Ctx>
   TGT_AVX2 static void tile(const Ctx& c, int64_t m0, int64_t n0) {
     TILE_ROWS(MR, NR)
@@ -554,12 +633,12 @@ struct FmaScalar {
   }
 };
 
-// Without a kernel for this CPU's SIMD level: fp32-FMA tiles on AVX2, else the scalar code.
+// Without a kernel for this CPU's SIMD level: fp32-FMA rows (decode) or tiles on AVX2, else the scalar code.
 template <class Ctx>
 static void run_fma_fallback(const Ctx& c) {
-  if (use_avx2())
-    run_tiles16<FmaAvx2>(c);
-  else
+  if (use_avx2()) {
+    if (!run_rows<FmaAvx2>(c)) run_tiles16<FmaAvx2>(c);
+  } else
     run_tiles<FmaScalar>(c);
 }
 
