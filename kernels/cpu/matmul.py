@@ -26,15 +26,16 @@ _AVX512F, _VNNI, _BF16, _AVX2 = 1, 2, 4, 8
 # W8A8 -> our quantization + torch._int_mm (exact int32) + the same fp32 epilogue; bf16 and fp32 -> F.linear.
 # Set when the kernels load, from the CPU: with AVX-512 VNNI/BF16 the stock GEMMs win from 16 rows (oneDNN's bf16
 # GEMM 7x faster at 128 rows on Sapphire Rapids); on AVX2 ours won at every row count measured (1 to 128).
-# fp32: ours below 64 rows on AVX-512 (on AMD EPYC it beat MKL's F.linear 1.2-3x from 1 to 32 rows, lost at 64);
-# stock F.linear everywhere else (0 = always stock).
+# fp32: ours below 64 rows on AVX-512 (on AMD EPYC Zen 4 it beat MKL's F.linear 1.2-3x from 1 to 32 rows, lost at
+# 64), below 256 on AVX2 (on AMD EPYC Zen 2: 1.7x at 1 row, 1.15x at 128, even at 256, lost at 512); stock
+# F.linear without SIMD kernels (0 = always stock).
 NEVER = 1 << 62
 PREFILL_MIN_ROWS = {"w8a8": NEVER, "bf16": NEVER, "int8_weight": NEVER, "f32": 0}
 
 
 def _prefill_policy(simd_bits: int) -> dict:
     return {"w8a8": 16 if simd_bits & _VNNI else NEVER, "bf16": 16 if simd_bits & _BF16 else NEVER,
-            "int8_weight": NEVER, "f32": 64 if simd_bits & _AVX512F else 0}
+            "int8_weight": NEVER, "f32": 64 if simd_bits & _AVX512F else 256 if simd_bits & _AVX2 else 0}
 
 
 def _load() -> tuple[bool, str]:
