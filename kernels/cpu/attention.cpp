@@ -313,14 +313,19 @@ inline void dots_body(const float* q, const void* k, int64_t ks, int n, int D, b
   typedef typename Vec<W>::f F;
   const int Dv = D / W * W;
   int j0 = 0;
-  if (Dv == D) {  // 4 keys at a time: 4 independent FMA chains, one combined horizontal sum
+  if (Dv == D) {  // 4 keys at a time, two FMA chains each (even / odd vectors), one combined horizontal sum
     for (; j0 + 4 <= n; j0 += 4) {
       F acc[4];
       for (int r = 0; r < 4; r++) {
         const void* kj = offset(k, bf16, (j0 + r) * ks);
-        F a = loadf<W>(q) * load<W>(kj, bf16);
-        for (int d = W; d < D; d += W) a += loadf<W>(q + d) * load<W>(offset(kj, bf16, d), bf16);
-        acc[r] = a;
+        F a = loadf<W>(q) * load<W>(kj, bf16), b = splat<W>(0.f);
+        int d = W;
+        for (; d + W < D; d += 2 * W) {
+          b += loadf<W>(q + d) * load<W>(offset(kj, bf16, d), bf16);
+          a += loadf<W>(q + d + W) * load<W>(offset(kj, bf16, d + W), bf16);
+        }
+        if (d < D) b += loadf<W>(q + d) * load<W>(offset(kj, bf16, d), bf16);
+        acc[r] = a + b;
       }
       hsum4<W>(acc, s + j0);
     }
@@ -433,14 +438,20 @@ inline void pv_tile(float* O, const float* P, const float* corr, const void* v, 
     for (int c = 0; c < NV; c++) storef<W>(O + r * D + d0 + c * W, acc[r][c]);
 }
 
-// Full vectors in chunks of up to NVMAX (4 zmm / 2 ymm), the last D % W columns by the scalar code.
+// Full vectors in chunks of up to NVMAX, the last D % W columns by the scalar code. Each accumulator is one FMA
+// chain over the keys, so a chunk needs as many as the FMA latency x throughput (4-10) to run at full rate:
+// 4 zmm (AVX-512), 8 ymm for one row on AVX2 (16 registers in all), 2 ymm per row for 4 rows.
 template <int W, int R>
 inline void pv_rows(float* O, const float* P, const float* corr, const void* v, int64_t vs, int n, int D,
                     bool bf16) {
-  constexpr int NVMAX = W == 16 ? 4 : 2;
+  constexpr int NVMAX = W == 16 ? 4 : R == 1 ? 8 : 2;
   const int Dv = D / W * W;
   int d0 = 0;
   for (; d0 + NVMAX * W <= Dv; d0 += NVMAX * W) pv_tile<W, R, NVMAX>(O, P, corr, v, vs, n, D, d0, bf16);
+  if constexpr (NVMAX > 4)  // head dims 80, 96: 8 + 2 or 8 + 4 vectors
+    for (; d0 + 4 * W <= Dv; d0 += 4 * W) pv_tile<W, R, 4>(O, P, corr, v, vs, n, D, d0, bf16);
+  if constexpr (NVMAX > 2)
+    for (; d0 + 2 * W <= Dv; d0 += 2 * W) pv_tile<W, R, 2>(O, P, corr, v, vs, n, D, d0, bf16);
   for (; d0 < Dv; d0 += W) pv_tile<W, R, 1>(O, P, corr, v, vs, n, D, d0, bf16);
   for (int r = 0; r < R; r++)
     for (int d = Dv; d < D; d++) {
