@@ -69,13 +69,19 @@ inline const void* offset(const void* p, bool bf16, int64_t elems) {
   return (const char*)p + elems * (bf16 ? 2 : 4);
 }
 
-// out[o0 : o0 + D] = acc * inv, rounded to out's dtype.
-inline void store_row(void* out, bool bf16, int64_t o0, const float* acc, int64_t D, float inv) {
+// The AVX2 bf16 layout: an in-lane unpack of 16 bf16 gives fp32 vectors of elements {0-3, 8-11} and {4-7, 12-15}
+// (no lane-crossing shuffle), so with bf16 inputs the 8-lane primitives keep q and O rows in that order, block of
+// 16 by block of 16: row element p holds column perm16(p), which swaps bits 2 and 3 of p (an involution).
+inline int64_t perm16(int64_t p) { return (p & ~int64_t(12)) | ((p & 4) << 1) | ((p & 8) >> 1); }
+
+// out[o0 : o0 + D] = acc * inv, rounded to out's dtype; perm: acc is in the perm16 order.
+inline void store_row(void* out, bool bf16, int64_t o0, const float* acc, int64_t D, float inv, bool perm = false) {
   for (int64_t d = 0; d < D; d++) {
+    const float v = acc[perm ? perm16(d) : d] * inv;
     if (bf16)
-      ((uint16_t*)out)[o0 + d] = f32_to_bf16(acc[d] * inv);
+      ((uint16_t*)out)[o0 + d] = f32_to_bf16(v);
     else
-      ((float*)out)[o0 + d] = acc[d] * inv;
+      ((float*)out)[o0 + d] = v;
   }
 }
 
@@ -111,6 +117,8 @@ struct Ops {
   void (*qk)(const float*, const float*, int, int, float*);
   void (*softmax)(float*, int, float, const float*, const float* const*, const int*, float*, float*, float*);
   void (*pv)(float*, const float*, const float*, const void*, int64_t, int, int, int, bool);
+  bool perm16;  // bf16 with D % 16 == 0: dots' q and pv's O rows are in the perm16 order (the AVX2 set)
+  bool permuted(bool bf16, int64_t D) const { return perm16 && bf16 && D % 16 == 0; }
 };
 
 // ---- scalar ----
@@ -227,6 +235,18 @@ inline typename Vec<W>::f load(const void* p, bool bf16) {
   return f;
 }
 
+// 16 bf16 -> two 8-lane fp32 vectors in the perm16 order: lo = elements 0-3, 8-11, hi = 4-7, 12-15
+// (vpunpcklwd / vpunpckhwd with zero: in-lane, one instruction each).
+inline void load2_bf16_perm(const void* p, Vec<8>::f& lo, Vec<8>::f& hi) {
+  typedef uint16_t H16 __attribute__((vector_size(32)));
+  H16 h, z = {};
+  std::memcpy(&h, p, sizeof h);
+  const H16 a = __builtin_shufflevector(z, h, 0, 16, 0, 17, 0, 18, 0, 19, 0, 24, 0, 25, 0, 26, 0, 27);
+  const H16 b = __builtin_shufflevector(z, h, 0, 20, 0, 21, 0, 22, 0, 23, 0, 28, 0, 29, 0, 30, 0, 31);
+  std::memcpy(&lo, &a, sizeof lo);
+  std::memcpy(&hi, &b, sizeof hi);
+}
+
 // Horizontal sum / max as a tree of halves (log2 W steps).
 template <int W>
 inline float hsum(typename Vec<W>::f v) {
@@ -313,6 +333,27 @@ inline void dots_body(const float* q, const void* k, int64_t ks, int n, int D, b
   typedef typename Vec<W>::f F;
   const int Dv = D / W * W;
   int j0 = 0;
+  if constexpr (W == 8) {
+    if (bf16 && D % 16 == 0) {  // q in the perm16 order: 16 bf16 keys' elements per unpack pair
+      for (; j0 < n; j0 += 4) {
+        F acc[4];
+        for (int r = 0; r < 4; r++) {
+          const void* kj = offset(k, bf16, std::min(j0 + r, n - 1) * ks);  // past n: recomputed, not stored
+          F a = splat<W>(0.f), b = splat<W>(0.f), lo, hi;
+          for (int d = 0; d < D; d += 16) {
+            load2_bf16_perm(offset(kj, true, d), lo, hi);
+            a += loadf<W>(q + d) * lo;
+            b += loadf<W>(q + d + 8) * hi;
+          }
+          acc[r] = a + b;
+        }
+        alignas(32) float r4[4];
+        hsum4<W>(acc, r4);
+        for (int r = 0; r < 4 && j0 + r < n; r++) s[j0 + r] = r4[r];
+      }
+      return;
+    }
+  }
   if (Dv == D) {  // 4 keys at a time, two FMA chains each (even / odd vectors), one combined horizontal sum
     for (; j0 + 4 <= n; j0 += 4) {
       F acc[4];
@@ -425,10 +466,18 @@ inline void pv_tile(float* O, const float* P, const float* corr, const void* v, 
   F acc[R][NV];
   for (int r = 0; r < R; r++)
     for (int c = 0; c < NV; c++) acc[r][c] = loadf<W>(O + r * D + d0 + c * W) * corr[r];
+  const bool perm = W == 8 && NV % 2 == 0 && bf16 && D % 16 == 0;  // O in the perm16 order (Ops::perm16)
   for (int j = 0; j < n; j++) {
     const void* vj = offset(v, bf16, j * vs + d0);
     F vv[NV];
-    for (int c = 0; c < NV; c++) vv[c] = load<W>(offset(vj, bf16, c * W), bf16);
+    if constexpr (W == 8 && NV % 2 == 0) {
+      if (perm)
+        for (int c = 0; c < NV; c += 2) load2_bf16_perm(offset(vj, true, c * W), vv[c], vv[c + 1]);
+      else
+        for (int c = 0; c < NV; c++) vv[c] = load<W>(offset(vj, bf16, c * W), bf16);
+    } else {
+      for (int c = 0; c < NV; c++) vv[c] = load<W>(offset(vj, bf16, c * W), bf16);
+    }
     for (int r = 0; r < R; r++) {
       const F pb = splat<W>(P[r * KB + j]);
       for (int c = 0; c < NV; c++) acc[r][c] += pb * vv[c];
@@ -498,7 +547,7 @@ inline void pv_simd(float* O, const float* P, const float* corr, const void* v, 
                                                           bool bf16) {                                           \
     pv_simd<W>(O, P, corr, v, vs, rows, n, D, bf16);                                                             \
   }                                                                                                              \
-  const Ops k_##ISA = {dots_##ISA, qk_##ISA, softmax_##ISA, pv_##ISA};
+  const Ops k_##ISA = {dots_##ISA, qk_##ISA, softmax_##ISA, pv_##ISA, W == 8};
 
 MBATTN_ENTRY_POINTS(avx2, 8, "avx2,fma")
 MBATTN_ENTRY_POINTS(avx512, 16, "avx512f,avx512bw,avx512vl,avx512dq")
@@ -506,7 +555,7 @@ MBATTN_ENTRY_POINTS(avx512, 16, "avx512f,avx512bw,avx512vl,avx512dq")
 // without AVX-512 still exercise every line the AVX-512 build runs.
 MBATTN_ENTRY_POINTS(avx2_w16, 16, "avx2,fma")
 
-const Ops kScalar = {dots_scalar, qk_scalar, softmax_scalar, pv_scalar};
+const Ops kScalar = {dots_scalar, qk_scalar, softmax_scalar, pv_scalar, false};
 
 const Ops& ops() {
   switch (simd_level()) {
@@ -554,6 +603,7 @@ extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void*
   }
   const int64_t BH = B * H, nthr = omp_get_max_threads();
   if (BH == 0) return;
+  const bool perm = op.permuted(bf16, D);  // q and O rows in the perm16 order
   // Split-K: aim at >= 4 items per thread, but keep chunks >= 256 keys (whole blocks) so each stays a stream.
   int64_t nc = std::max<int64_t>(1, std::min((4 * nthr + BH - 1) / BH, L / 256));
   const int64_t chunk = std::max<int64_t>(KB, ((L + nc - 1) / nc + KB - 1) / KB * KB);  // L = 0: one empty chunk
@@ -567,7 +617,7 @@ extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void*
     const int64_t j0 = c * chunk, j1 = std::min(L, j0 + chunk);
     alignas(64) float qf[256], s[KB], keybias[KB];
     const void* qp = offset(q, bf16, b * q_st[0] + h * q_st[1]);
-    for (int64_t d = 0; d < D; d++) qf[d] = load_elem(qp, bf16, d);
+    for (int64_t d = 0; d < D; d++) qf[d] = load_elem(qp, bf16, perm ? perm16(d) : d);
     const void* kp = offset(k, bf16, b * k_st[0] + h * k_st[1]);
     const void* vp = offset(v, bf16, b * v_st[0] + h * v_st[1]);
     const int32_t* pos = key_pos + b * L;
@@ -596,7 +646,7 @@ extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void*
       op.pv(o, s, &corr, offset(vp, bf16, jb * v_st[2]), v_st[2], 1, n, (int)D, bf16);
     }
     part[it] = {m, l};
-    if (nc == 1) store_row(out, bf16, bh * D, o, D, l > 0.f ? 1.f / l : 0.f);  // all keys masked -> 0
+    if (nc == 1) store_row(out, bf16, bh * D, o, D, l > 0.f ? 1.f / l : 0.f, perm);  // all keys masked -> 0
   }
   if (nc == 1) return;
 
@@ -617,7 +667,7 @@ extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void*
         for (int64_t d = 0; d < D; d++) acc[d] += w * oc[d];
       }
     }
-    store_row(out, bf16, bh * D, acc.data(), D, lsum > 0.f ? 1.f / lsum : 0.f);
+    store_row(out, bf16, bh * D, acc.data(), D, lsum > 0.f ? 1.f / lsum : 0.f, perm);
   }
 }
 
@@ -700,7 +750,8 @@ extern "C" void mbattn_prefill(const void* q, const void* k, const void* v, void
     }
     for (int r = 0; r < nr; r++) {
       // fully masked query row -> 0
-      store_row(out, bf16, (bh * T + t0 + r) * D, O.data() + r * D, D, l[r] > 0.f ? 1.f / l[r] : 0.f);
+      store_row(out, bf16, (bh * T + t0 + r) * D, O.data() + r * D, D, l[r] > 0.f ? 1.f / l[r] : 0.f,
+                op.permuted(bf16, D));  // O (not Q: qk reads packed fp32 K) is in the perm16 order
     }
   }
 }
