@@ -241,8 +241,9 @@ inline void load2_bf16_perm(const void* p, Vec<8>::f& lo, Vec<8>::f& hi) {
   typedef uint16_t H16 __attribute__((vector_size(32)));
   H16 h, z = {};
   std::memcpy(&h, p, sizeof h);
-  const H16 a = __builtin_shufflevector(z, h, 0, 16, 0, 17, 0, 18, 0, 19, 0, 24, 0, 25, 0, 26, 0, 27);
-  const H16 b = __builtin_shufflevector(z, h, 0, 20, 0, 21, 0, 22, 0, 23, 0, 28, 0, 29, 0, 30, 0, 31);
+  // the exact vpunpcklwd / vpunpckhwd index patterns (z is zero, so any z index would do, but GCC then picks vpermq)
+  const H16 a = __builtin_shufflevector(z, h, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27);
+  const H16 b = __builtin_shufflevector(z, h, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31);
   std::memcpy(&lo, &a, sizeof lo);
   std::memcpy(&hi, &b, sizeof hi);
 }
@@ -333,45 +334,50 @@ inline void dots_body(const float* q, const void* k, int64_t ks, int n, int D, b
   typedef typename Vec<W>::f F;
   const int Dv = D / W * W;
   int j0 = 0;
-  if constexpr (W == 8) {
-    if (bf16 && D % 16 == 0) {  // q in the perm16 order: 16 bf16 keys' elements per unpack pair
-      for (; j0 < n; j0 += 4) {
-        F acc[4];
-        for (int r = 0; r < 4; r++) {
-          const void* kj = offset(k, bf16, std::min(j0 + r, n - 1) * ks);  // past n: recomputed, not stored
-          F a = splat<W>(0.f), b = splat<W>(0.f), lo, hi;
-          for (int d = 0; d < D; d += 16) {
-            load2_bf16_perm(offset(kj, true, d), lo, hi);
-            a += loadf<W>(q + d) * lo;
-            b += loadf<W>(q + d + 8) * hi;
-          }
-          acc[r] = a + b;
-        }
-        alignas(32) float r4[4];
-        hsum4<W>(acc, r4);
-        for (int r = 0; r < 4 && j0 + r < n; r++) s[j0 + r] = r4[r];
-      }
-      return;
-    }
-  }
-  if (Dv == D) {  // 4 keys at a time, two FMA chains each (even / odd vectors), one combined horizontal sum
-    for (; j0 + 4 <= n; j0 += 4) {
-      F acc[4];
+  if (Dv == D) {
+    // 4 keys at a time, two FMA chains per key (a: even vectors, b: odd ones), the loop over d outside the loop
+    // over keys so that the 8 chains interleave (one key's chain alone waits on the FMA latency), and one
+    // combined horizontal sum. Keys past n are recomputed from the last one, never stored.
+    const bool perm = W == 8 && bf16 && D % 16 == 0;  // AVX2 bf16: q in the perm16 order (Ops::perm16)
+    for (; j0 < n; j0 += 4) {
+      const void* kr[4];
+      F a[4], b[4];
       for (int r = 0; r < 4; r++) {
-        const void* kj = offset(k, bf16, (j0 + r) * ks);
-        F a = loadf<W>(q) * load<W>(kj, bf16), b = splat<W>(0.f);
-        int d = W;
-        for (; d + W < D; d += 2 * W) {
-          b += loadf<W>(q + d) * load<W>(offset(kj, bf16, d), bf16);
-          a += loadf<W>(q + d + W) * load<W>(offset(kj, bf16, d + W), bf16);
-        }
-        if (d < D) b += loadf<W>(q + d) * load<W>(offset(kj, bf16, d), bf16);
-        acc[r] = a + b;
+        kr[r] = offset(k, bf16, std::min(j0 + r, n - 1) * ks);
+        a[r] = b[r] = splat<W>(0.f);
       }
-      hsum4<W>(acc, s + j0);
+      int d = 0;
+      for (; d + 2 * W <= D; d += 2 * W) {
+        const F q0 = loadf<W>(q + d), q1 = loadf<W>(q + d + W);
+        for (int r = 0; r < 4; r++) {
+          F lo, hi;
+          if constexpr (W == 8) {
+            if (perm) {
+              load2_bf16_perm(offset(kr[r], true, d), lo, hi);
+              a[r] += q0 * lo;
+              b[r] += q1 * hi;
+              continue;
+            }
+          }
+          lo = load<W>(offset(kr[r], bf16, d), bf16);
+          hi = load<W>(offset(kr[r], bf16, d + W), bf16);
+          a[r] += q0 * lo;
+          b[r] += q1 * hi;
+        }
+      }
+      if (d < D) {  // an odd number of vectors (head dim 80 with 16 lanes, 72 with 8); never with perm
+        const F q0 = loadf<W>(q + d);
+        for (int r = 0; r < 4; r++) a[r] += q0 * load<W>(offset(kr[r], bf16, d), bf16);
+      }
+      F acc[4];
+      for (int r = 0; r < 4; r++) acc[r] = a[r] + b[r];
+      alignas(32) float r4[4];
+      hsum4<W>(acc, r4);
+      for (int r = 0; r < 4 && j0 + r < n; r++) s[j0 + r] = r4[r];
     }
+    return;
   }
-  for (int j = j0; j < n; j++) {
+  for (int j = j0; j < n; j++) {  // head dims that are not a multiple of W: one key at a time
     const void* kj = offset(k, bf16, j * ks);
     F a0 = splat<W>(0.f), a1 = splat<W>(0.f);
     int d = 0;
@@ -469,18 +475,27 @@ inline void pv_tile(float* O, const float* P, const float* corr, const void* v, 
   const bool perm = W == 8 && NV % 2 == 0 && bf16 && D % 16 == 0;  // O in the perm16 order (Ops::perm16)
   for (int j = 0; j < n; j++) {
     const void* vj = offset(v, bf16, j * vs + d0);
-    F vv[NV];
-    if constexpr (W == 8 && NV % 2 == 0) {
-      if (perm)
-        for (int c = 0; c < NV; c += 2) load2_bf16_perm(offset(vj, true, c * W), vv[c], vv[c + 1]);
-      else
-        for (int c = 0; c < NV; c++) vv[c] = load<W>(offset(vj, bf16, c * W), bf16);
-    } else {
-      for (int c = 0; c < NV; c++) vv[c] = load<W>(offset(vj, bf16, c * W), bf16);
-    }
-    for (int r = 0; r < R; r++) {
-      const F pb = splat<W>(P[r * KB + j]);
-      for (int c = 0; c < NV; c++) acc[r][c] += pb * vv[c];
+    F pb[R];
+    for (int r = 0; r < R; r++) pb[r] = splat<W>(P[r * KB + j]);
+    // Two V vectors at a time, used at once: loading all of them first needs more than AVX2's 16 registers
+    // next to 8 accumulators (GCC then keeps the accumulators on the stack).
+    for (int c = 0; c < NV; c += 2) {
+      if (c + 1 == NV) {
+        const F lo = load<W>(offset(vj, bf16, c * W), bf16);
+        for (int r = 0; r < R; r++) acc[r][c] += pb[r] * lo;
+        break;
+      }
+      F lo, hi;
+      if (W == 8 && perm) {
+        if constexpr (W == 8) load2_bf16_perm(offset(vj, true, c * W), lo, hi);
+      } else {
+        lo = load<W>(offset(vj, bf16, c * W), bf16);
+        hi = load<W>(offset(vj, bf16, (c + 1) * W), bf16);
+      }
+      for (int r = 0; r < R; r++) {
+        acc[r][c] += pb[r] * lo;
+        acc[r][c + 1] += pb[r] * hi;
+      }
     }
   }
   for (int r = 0; r < R; r++)
