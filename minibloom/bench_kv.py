@@ -18,7 +18,8 @@ import minibloom
 from minibloom.bench_peers import build_shape, read_bandwidth
 
 
-def main(argv=None):
+def main(argv=None) -> list[dict]:
+    """Prints one line per repeat and a summary; returns the repeats (attention_s, kv_bytes, floor_s, ratio)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shape", help="bloomz-560m or tiny-bloom (random weights in that shape)")
@@ -40,7 +41,7 @@ def main(argv=None):
     ids = torch.randint(5, min(1000, cfg.vocab_size), (1, prompt), generator=torch.Generator().manual_seed(0))
     elt = torch.empty((), dtype=getattr(torch, a.dtype)).element_size()
     print(f"{a.shape or a.model}, {a.dtype}, {a.threads} threads, prompt {prompt}, {a.steps} steps x {a.repeats}")
-    ratios = []
+    results = []
     with torch.inference_mode():
         logits, state = lm.model.start(ids, torch.ones_like(ids), a.steps * a.repeats)
         tok = logits.argmax(-1)
@@ -57,13 +58,14 @@ def main(argv=None):
             S = prompt + rep * a.steps + (a.steps + 1) / 2                  # mean cache length over the steps
             kv_bytes = L * 2 * H * S * D * elt
             floor_s = kv_bytes / (max(before, after) * 1e9)
-            ratios.append(step_s / floor_s)
+            results.append({"attention_s": step_s, "kv_bytes": kv_bytes, "floor_s": floor_s, "ratio": step_s / floor_s})
             print(f"repeat {rep}: attention {step_s * 1e3:.2f} ms/step, KV {kv_bytes / 1e6:.0f} MB, floor "
-                  f"{floor_s * 1e3:.2f} ms at {max(before, after):.1f} GB/s -> {ratios[-1]:.2f}x", flush=True)
+                  f"{floor_s * 1e3:.2f} ms at {max(before, after):.1f} GB/s -> {step_s / floor_s:.2f}x", flush=True)
             time.sleep(0.1)
-    ratios.sort()
+    ratios = sorted(r["ratio"] for r in results)
     print(f"attention / KV floor: median {ratios[len(ratios) // 2]:.2f}x, range {ratios[0]:.2f}-{ratios[-1]:.2f}x "
           f"over {len(ratios)} repeats (target <= 1.3x)")
+    return results
 
 
 if __name__ == "__main__":

@@ -214,3 +214,22 @@ def test_ratios_to_the_best_peer():
     assert rows[0]["ratios"]["prefill_tok_s"] == pytest.approx(200 / 100)  # best peer: the higher throughput
     assert rows[0]["ratios"]["decode_ms_any"] == pytest.approx(30 / 20)   # fastest peer at any precision
     assert rows[3]["ratios"]["decode_ms"] == pytest.approx(1.0)
+
+
+def test_bench_kv_reports_attention_against_the_kv_floor(capsys, monkeypatch):
+    from minibloom import bench_kv
+    monkeypatch.setattr(bench_kv, "read_bandwidth", lambda nbytes, threads, repeats: {"gbps": 10.0})
+    res = bench_kv.main(["--shape", "tiny-bloom", "--context", "40", "--steps", "2", "--repeats", "2"])
+    # repeat 0: prompt 36, steps see 37 and 38 keys (mean 37.5); tiny-bloom: 3 layers x (K, V) x 4 heads x 16 dims x
+    # 2 bytes (bf16) per key, read at the mocked 10 GB/s
+    assert res[0]["kv_bytes"] == 3 * 2 * 4 * 37.5 * 16 * 2
+    assert res[0]["floor_s"] == pytest.approx(res[0]["kv_bytes"] / 10e9)
+    assert all(r["attention_s"] > 0 and r["ratio"] == pytest.approx(r["attention_s"] / r["floor_s"]) for r in res)
+    out = capsys.readouterr().out
+    assert out.count("repeat ") == 2 and "attention / KV floor: median" in out
+
+
+def test_bench_kv_refuses_an_encoder_decoder(capsys):
+    from minibloom import bench_kv
+    with pytest.raises(SystemExit, match="BLOOM"):
+        bench_kv.main(["--shape", "tiny-mt5", "--context", "40", "--repeats", "1"])
