@@ -9,7 +9,6 @@ attention (minibloom_attn::decode, all layers) and the floor: the KV bytes the s
 methods, huge pages included). The fused attention issue's target is <= 1.3x that floor. A benchmark, not a test.
 """
 import argparse
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -61,7 +60,6 @@ def main(argv=None) -> list[dict]:
             results.append({"attention_s": step_s, "kv_bytes": kv_bytes, "floor_s": floor_s, "ratio": step_s / floor_s})
             print(f"repeat {rep}: attention {step_s * 1e3:.2f} ms/step, KV {kv_bytes / 1e6:.0f} MB, floor "
                   f"{floor_s * 1e3:.2f} ms at {max(before, after):.1f} GB/s -> {step_s / floor_s:.2f}x", flush=True)
-            time.sleep(0.1)
     ratios = sorted(r["ratio"] for r in results)
     print(f"attention / KV floor: median {ratios[len(ratios) // 2]:.2f}x, range {ratios[0]:.2f}-{ratios[-1]:.2f}x "
           f"over {len(ratios)} repeats (target <= 1.3x)")

@@ -74,6 +74,9 @@ inline const void* offset(const void* p, bool bf16, int64_t elems) {
 // 16 by block of 16: row element p holds column perm16(p), which swaps bits 2 and 3 of p (an involution).
 inline int64_t perm16(int64_t p) { return (p & ~int64_t(12)) | ((p & 4) << 1) | ((p & 8) >> 1); }
 
+// Whether primitives of W lanes keep rows in the perm16 order: 8 lanes (AVX2), bf16, whole blocks of 16.
+inline bool perm16_layout(int W, bool bf16, int64_t D) { return W == 8 && bf16 && D % 16 == 0; }
+
 // out[o0 : o0 + D] = acc * inv, rounded to out's dtype; perm: acc is in the perm16 order.
 inline void store_row(void* out, bool bf16, int64_t o0, const float* acc, int64_t D, float inv, bool perm = false) {
   for (int64_t d = 0; d < D; d++) {
@@ -117,8 +120,8 @@ struct Ops {
   void (*qk)(const float*, const float*, int, int, float*);
   void (*softmax)(float*, int, float, const float*, const float* const*, const int*, float*, float*, float*);
   void (*pv)(float*, const float*, const float*, const void*, int64_t, int, int, int, bool);
-  bool perm16;  // bf16 with D % 16 == 0: dots' q and pv's O rows are in the perm16 order (the AVX2 set)
-  bool permuted(bool bf16, int64_t D) const { return perm16 && bf16 && D % 16 == 0; }
+  int width;  // lanes of the SIMD set (1: scalar); decides the perm16 layout of dots' q and pv's O rows
+  bool permuted(bool bf16, int64_t D) const { return perm16_layout(width, bf16, D); }
 };
 
 // ---- scalar ----
@@ -248,6 +251,16 @@ inline void load2_bf16_perm(const void* p, Vec<8>::f& lo, Vec<8>::f& hi) {
   std::memcpy(&hi, &b, sizeof hi);
 }
 
+// Two consecutive vectors of W elements at p -> fp32, in the perm16 order when perm (8 lanes only).
+template <int W>
+inline void load_pair(const void* p, bool bf16, bool perm, typename Vec<W>::f& lo, typename Vec<W>::f& hi) {
+  if constexpr (W == 8) {
+    if (perm) return load2_bf16_perm(p, lo, hi);
+  }
+  lo = load<W>(p, bf16);
+  hi = load<W>(offset(p, bf16, W), bf16);
+}
+
 // Horizontal sum / max as a tree of halves (log2 W steps).
 template <int W>
 inline float hsum(typename Vec<W>::f v) {
@@ -338,7 +351,7 @@ inline void dots_body(const float* q, const void* k, int64_t ks, int n, int D, b
     // 4 keys at a time, two FMA chains per key (a: even vectors, b: odd ones), the loop over d outside the loop
     // over keys so that the 8 chains interleave (one key's chain alone waits on the FMA latency), and one
     // combined horizontal sum. Keys past n are recomputed from the last one, never stored.
-    const bool perm = W == 8 && bf16 && D % 16 == 0;  // AVX2 bf16: q in the perm16 order (Ops::perm16)
+    const bool perm = perm16_layout(W, bf16, D);  // q in the perm16 order (Ops::permuted)
     for (; j0 < n; j0 += 4) {
       const void* kr[4];
       F a[4], b[4];
@@ -351,16 +364,7 @@ inline void dots_body(const float* q, const void* k, int64_t ks, int n, int D, b
         const F q0 = loadf<W>(q + d), q1 = loadf<W>(q + d + W);
         for (int r = 0; r < 4; r++) {
           F lo, hi;
-          if constexpr (W == 8) {
-            if (perm) {
-              load2_bf16_perm(offset(kr[r], true, d), lo, hi);
-              a[r] += q0 * lo;
-              b[r] += q1 * hi;
-              continue;
-            }
-          }
-          lo = load<W>(offset(kr[r], bf16, d), bf16);
-          hi = load<W>(offset(kr[r], bf16, d + W), bf16);
+          load_pair<W>(offset(kr[r], bf16, d), bf16, perm, lo, hi);
           a[r] += q0 * lo;
           b[r] += q1 * hi;
         }
@@ -472,7 +476,7 @@ inline void pv_tile(float* O, const float* P, const float* corr, const void* v, 
   F acc[R][NV];
   for (int r = 0; r < R; r++)
     for (int c = 0; c < NV; c++) acc[r][c] = loadf<W>(O + r * D + d0 + c * W) * corr[r];
-  const bool perm = W == 8 && NV % 2 == 0 && bf16 && D % 16 == 0;  // O in the perm16 order (Ops::perm16)
+  const bool perm = perm16_layout(W, bf16, D);  // O in the perm16 order (Ops::permuted); NV is even then
   for (int j = 0; j < n; j++) {
     const void* vj = offset(v, bf16, j * vs + d0);
     F pb[R];
@@ -486,12 +490,7 @@ inline void pv_tile(float* O, const float* P, const float* corr, const void* v, 
         break;
       }
       F lo, hi;
-      if (W == 8 && perm) {
-        if constexpr (W == 8) load2_bf16_perm(offset(vj, true, c * W), lo, hi);
-      } else {
-        lo = load<W>(offset(vj, bf16, c * W), bf16);
-        hi = load<W>(offset(vj, bf16, (c + 1) * W), bf16);
-      }
+      load_pair<W>(offset(vj, bf16, c * W), bf16, perm, lo, hi);
       for (int r = 0; r < R; r++) {
         acc[r][c] += pb[r] * lo;
         acc[r][c + 1] += pb[r] * hi;
@@ -562,7 +561,7 @@ inline void pv_simd(float* O, const float* P, const float* corr, const void* v, 
                                                           bool bf16) {                                           \
     pv_simd<W>(O, P, corr, v, vs, rows, n, D, bf16);                                                             \
   }                                                                                                              \
-  const Ops k_##ISA = {dots_##ISA, qk_##ISA, softmax_##ISA, pv_##ISA, W == 8};
+  const Ops k_##ISA = {dots_##ISA, qk_##ISA, softmax_##ISA, pv_##ISA, W};
 
 MBATTN_ENTRY_POINTS(avx2, 8, "avx2,fma")
 MBATTN_ENTRY_POINTS(avx512, 16, "avx512f,avx512bw,avx512vl,avx512dq")
@@ -570,7 +569,7 @@ MBATTN_ENTRY_POINTS(avx512, 16, "avx512f,avx512bw,avx512vl,avx512dq")
 // without AVX-512 still exercise every line the AVX-512 build runs.
 MBATTN_ENTRY_POINTS(avx2_w16, 16, "avx2,fma")
 
-const Ops kScalar = {dots_scalar, qk_scalar, softmax_scalar, pv_scalar, false};
+const Ops kScalar = {dots_scalar, qk_scalar, softmax_scalar, pv_scalar, 1};
 
 const Ops& ops() {
   switch (simd_level()) {
