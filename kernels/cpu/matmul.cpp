@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -164,7 +165,13 @@ constexpr int row_unroll() { return MR >= 4 ? 1 : 4 / MR; }
 // (2 KiB best); on AMD Zen 4 any distance (1-4 KiB) loses 10-15% against the hardware prefetcher alone; on AMD
 // Zen 2 (AVX2) it gains 20% for weight-only int8 and ~5% for bf16, W8A8 unchanged.
 constexpr int64_t PREFETCH = 2048;
-static const bool g_sw_prefetch = (__builtin_cpu_init(), __builtin_cpu_is("intel") || !__builtin_cpu_supports("avx512f"));
+// MINIBLOOM_SW_PREFETCH=0|1 overrides the rule (for measuring it on a new machine).
+static bool sw_prefetch_rule() {
+  if (const char* e = std::getenv("MINIBLOOM_SW_PREFETCH"); e && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel") || !__builtin_cpu_supports("avx512f");
+}
+static const bool g_sw_prefetch = sw_prefetch_rule();
 #define ROW_PREFETCH(p)                                          \
   do {                                                           \
     if (g_sw_prefetch) _mm_prefetch((const char*)(p), _MM_HINT_T0); \
