@@ -78,3 +78,8 @@ def linear_f32_ref(x, w, bias=None):
     if bias is not None:
         y = y + bias.float()
     return y
+
+
+def argmax_ref(x):
+    """Greedy pick: the first index of each row's maximum over the last dim (NaN counts as the maximum)."""
+    return x.argmax(-1)

@@ -43,12 +43,12 @@ def main(argv=None) -> list[dict]:
     results = []
     with torch.inference_mode():
         logits, state = lm.model.start(ids, torch.ones_like(ids), a.steps * a.repeats)
-        tok = logits.argmax(-1)
+        tok = lm.model.backend.argmax(logits)
         for rep in range(a.repeats):
             before = read_bandwidth(256 << 20, a.threads, 3)["gbps"]
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(a.steps):
-                    tok = lm.model.step(state, tok).argmax(-1)
+                    tok = lm.model.backend.argmax(lm.model.step(state, tok))
             after = read_bandwidth(256 << 20, a.threads, 3)["gbps"]
             attn = [e for e in prof.key_averages() if e.key == "minibloom_attn::decode"]
             if not attn:

@@ -107,11 +107,11 @@ class MinibloomEngine:
         with torch.inference_mode():
             clock.mark()
             logits, state = model.start(x, torch.ones_like(x), n)          # prefill: (B, V) last-position logits
-            tok = logits.argmax(-1)                                         # (B,)
+            tok = model.backend.argmax(logits)                              # (B,) greedy, as generate
             clock.mark()
             out = [tok]
             for _ in range(n - 1):
-                tok = model.step(state, tok).argmax(-1)
+                tok = model.backend.argmax(model.step(state, tok))
                 out.append(tok)
                 clock.mark()
         return clock.figures(n, torch.stack(out, 1)[0, :16].tolist())

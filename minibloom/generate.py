@@ -106,7 +106,7 @@ def decode_tokens(model, input_ids, attention_mask, opts: GenerationOptions, eos
             probs = sample_filter(scores, opts).softmax(dim=-1)
             tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
-            tokens = scores.argmax(dim=-1)
+            tokens = model.backend.argmax(scores)
         if pad_id is not None:
             tokens = torch.where(unfinished, tokens, pad_id)
         history = torch.cat([history, tokens[:, None]], dim=1)

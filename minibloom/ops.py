@@ -266,6 +266,10 @@ class Backend:
     def t5_attention(self, q, k, v, key_pos, bias, causal, q_offset):
         return t5_attention_ref(q, k, v, key_pos, bias, causal, q_offset)
 
+    def argmax(self, logits):
+        """Greedy pick: (..., V) -> (...,) int64, the first index of the maximum."""
+        return logits.argmax(-1)
+
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
         """Route every layer of `model` through this backend."""
         for m in model.modules():

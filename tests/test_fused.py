@@ -69,3 +69,10 @@ def test_fused_raises_when_kernels_are_unavailable(monkeypatch):
         minibloom.load(bloom_checkpoint(TINY_BLOOM), backend="fused")
     lm = minibloom.load(bloom_checkpoint(TINY_BLOOM), backend="auto")
     assert lm.model.backend.name == "reference"
+
+
+def test_fused_argmax_equals_torch_for_every_dtype():
+    backend = fused.FusedBackend(torch.device("cpu"))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # fp16: torch's own argmax
+        x = torch.randn(2, 3, 1003, generator=torch.Generator().manual_seed(0)).to(dtype)
+        assert torch.equal(backend.argmax(x), x.argmax(-1))

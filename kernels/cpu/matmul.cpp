@@ -850,4 +850,69 @@ void linear_f32(const float* x, const float* w, const void* bias, bool bias_bf16
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Row argmax of the logits (greedy decoding), exactly torch.argmax: the first index of the row's maximum, a NaN
+// counting as larger than any number (the first NaN wins). torch's CPU argmax reads ~2.3 GB/s on lm_head's
+// 250,880 logits (0.44 ms per token in fp32, 1 ms in bf16); this reads them at cache speed.
+
+static int64_t argmax_row_scalar(const void* x, bool bf16, int64_t N) {
+  int64_t best_i = 0;
+  float best = -INFINITY;
+  for (int64_t i = 0; i < N; i++) {
+    const float v = bf16 ? bf16_to_f32(((const uint16_t*)x)[i]) : ((const float*)x)[i];
+    if (v != v) return i;
+    if (v > best || i == 0) best = v, best_i = i;
+  }
+  return best_i;
+}
+
+// 16 lanes: each keeps its running max and the vector index where it was first reached (strict >), so the
+// smallest index among the lanes holding the overall max is the first occurrence. NaNs are only detected here;
+// a row with one is rescanned by the scalar code for its first NaN.
+TGT_F static int64_t argmax_row_avx512(const void* x, bool bf16, int64_t N) {
+  const int64_t N16 = N & ~int64_t(15);
+  if (N16 == 0) return argmax_row_scalar(x, bf16, N);
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  __m512i vidx = _mm512_setzero_si512(), cur = _mm512_setzero_si512();
+  const __m512i one = _mm512_set1_epi32(1);
+  __mmask16 nan = 0;
+  for (int64_t i = 0; i < N16; i += 16) {
+    const __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)x + i))), 16))
+                          : _mm512_loadu_ps((const float*)x + i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);
+    vmax = _mm512_mask_mov_ps(vmax, gt, v);
+    vidx = _mm512_mask_mov_epi32(vidx, gt, cur);
+    cur = _mm512_add_epi32(cur, one);
+  }
+  if (nan) return argmax_row_scalar(x, bf16, N);
+  alignas(64) float m[16];
+  alignas(64) int32_t ix[16];
+  _mm512_store_ps(m, vmax);
+  _mm512_store_si512(ix, vidx);
+  float best = m[0];
+  int64_t best_i = (int64_t)ix[0] * 16;
+  for (int l = 1; l < 16; l++) {
+    const int64_t i = (int64_t)ix[l] * 16 + l;
+    if (m[l] > best || (m[l] == best && i < best_i)) best = m[l], best_i = i;
+  }
+  for (int64_t i = N16; i < N; i++) {  // the tail comes after every vector index: strict > keeps the first
+    const float v = bf16 ? bf16_to_f32(((const uint16_t*)x)[i]) : ((const float*)x)[i];
+    if (v != v) return i;
+    if (v > best) best = v, best_i = i;
+  }
+  return best_i;
+}
+
+void argmax_rows(const void* x, bool bf16, int64_t M, int64_t N, int64_t* out) {
+  const bool simd = use_f();
+#pragma omp parallel for if (M > 1 && M * N >= (1 << 20))
+  for (int64_t r = 0; r < M; r++) {
+    const void* row = bf16 ? (const void*)((const uint16_t*)x + r * N) : (const void*)((const float*)x + r * N);
+    out[r] = simd ? argmax_row_avx512(row, bf16, N) : argmax_row_scalar(row, bf16, N);
+  }
+}
+
 }  // namespace mbmm
+

@@ -27,6 +27,7 @@ void linear_f32(const float* x, const float* w, const void* bias, bool bias_bf16
                 float* y);
 void linear_bf16(const uint16_t* x, const uint16_t* w, const void* bias, bool bias_bf16, int64_t M, int64_t N,
                  int64_t K, uint16_t* y);
+void argmax_rows(const void* x, bool bf16, int64_t M, int64_t N, int64_t* out);
 }  // namespace mbmm
 
 static bool is_bf16(const Tensor& t) { return t.scalar_type() == ScalarType::BFloat16; }
@@ -121,6 +122,16 @@ Tensor linear_f32(Tensor x, Tensor w, std::optional<Tensor> bias) {
   return y;
 }
 
+Tensor argmax_rows(Tensor x) {
+  check_2d(x, "x");
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float || is_bf16(x), "x must be float32 or bfloat16");
+  STD_TORCH_CHECK(x.size(1) > 0, "argmax of an empty row");
+  const int64_t M = x.size(0), N = x.size(1);
+  Tensor out = torch::stable::new_empty(x, {M}, ScalarType::Long);
+  mbmm::argmax_rows(x.data_ptr(), is_bf16(x), M, N, (int64_t*)out.data_ptr());
+  return out;
+}
+
 STABLE_TORCH_LIBRARY(minibloom_matmul, m) {
   m.def("simd_level(int force_scalar) -> int");
   m.def("quantize_rows(Tensor w) -> (Tensor, Tensor)");
@@ -129,6 +140,7 @@ STABLE_TORCH_LIBRARY(minibloom_matmul, m) {
   m.def("linear_int8_weight(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CPU, m) {
@@ -138,6 +150,7 @@ STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CPU, m) {
   m.impl("linear_int8_weight", TORCH_BOX(&linear_int8_weight));
   m.impl("linear_bf16", TORCH_BOX(&linear_bf16));
   m.impl("linear_f32", TORCH_BOX(&linear_f32));
+  m.impl("argmax_rows", TORCH_BOX(&argmax_rows));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CompositeExplicitAutograd, m) {

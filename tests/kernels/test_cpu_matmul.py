@@ -262,6 +262,7 @@ def test_fake_impls_trace_under_fake_tensor_mode():
         assert ops.linear_f32(x, torch.empty(10, 64), None).shape == (3, 10)
         xq, s_x, outl = ops.quantize_activations(x, 6.0)
         assert xq.shape == (3, 64) and xq.dtype == torch.int8 and s_x.shape == (3,) and outl.dtype == torch.int32
+        assert ops.argmax_rows(xb).shape == (3,) and ops.argmax_rows(xb).dtype == torch.long
 
 
 def test_unavailable_extension_reports_reason(monkeypatch):
@@ -274,3 +275,35 @@ def test_unavailable_extension_reports_reason(monkeypatch):
     monkeypatch.setattr(mm._jit, "load_extension", lambda name, sources: 1 / 0)
     ok, reason = mm.available()                                                   # never raises
     assert not ok and "division by zero" in reason
+
+
+@pytest.mark.parametrize("N", [1, 15, 16, 17, 250880])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_equals_torch(path, N, dtype):
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(3, N, generator=g).to(dtype)
+    assert torch.equal(mm.argmax(x), ref.argmax_ref(x))
+    assert torch.equal(mm.argmax(x[0]), ref.argmax_ref(x[0]))                       # (V,) -> ()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_ties_infinities_and_nans_as_torch(path, dtype):
+    N = 1000
+    rows = torch.zeros(7, N)
+    rows[0, [17, 300, 999]] = 5.0                    # ties: the first wins, across lanes and vectors
+    rows[1, [3, 19]] = 5.0                           # ties within the first two vectors, different lanes
+    rows[2] = float("-inf")                          # all -inf -> 0
+    rows[3, 998] = float("inf")                      # +inf in the tail
+    rows[4, [40, 500]] = float("nan")                # NaN counts as the maximum: the first NaN
+    rows[4, 7] = float("inf")
+    rows[5, 996:] = 9.0                              # the maximum only in the tail (N % 16 = 8)
+    rows[6] = -3.0                                   # all equal -> 0
+    x = rows.to(dtype)
+    assert torch.equal(mm.argmax(x), ref.argmax_ref(x))
+
+
+def test_argmax_validation():
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        mm.argmax(torch.zeros(2, 5, dtype=torch.float16))
+    with pytest.raises(ValueError, match="non-empty last dim"):
+        mm.argmax(torch.zeros(2, 0))
