@@ -423,6 +423,54 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--report", metavar="JSON", help="measure nothing: print the table (and --plot) of a saved --json")
 
 
+def make_batches(vocab_size: int, folder: Path, prompt_tokens: int, batch: list[int], new_tokens: list[int]):
+    """One prompt for everyone: random ids, no special tokens (ids >= 4), one row per batch entry. Ascending batch
+    size, so that the peak RSS read after each batch is its own."""
+    import random
+    rng = random.Random(0)
+    hi = min(vocab_size, _tokenizer_size(folder) or vocab_size)
+    prompts = [[rng.randrange(4, hi) for _ in range(prompt_tokens)] for _ in range(max(batch))]
+    return [{"ids": prompts[:B], "new_tokens": n} for B, n in sorted(zip(batch, new_tokens))]
+
+
+def run_rounds(report: dict, variants: list[Variant], args, device: str, folder: str, ct2_folders: dict,
+               batches: list[dict], floor_bytes: int, log):
+    """args.repeats rounds: a quiet check, the floor, then every variant in turn; samples go into the report."""
+    broken = set()
+    for rnd in range(args.repeats):
+        quiet = quiet_check(args.quiet_threshold, args.wait_quiet)
+        fl = spawn({"task": "floor", "bytes": floor_bytes, "threads": args.threads, "repeats": 5, "device": device},
+                   args.threads, 600)
+        if "result" in fl:
+            loaded = not quiet["quiet"] or fl["foreign"] > args.quiet_threshold
+            report["floor_samples"].append(dict(fl["result"], round=rnd, loaded=loaded, busy_before=quiet["busy"],
+                                                foreign=fl["foreign"]))
+            log(f"round {rnd + 1}/{args.repeats} floor {fl['result']['gbps']:.1f} GB/s" + (" ⚠ loaded" if loaded else ""))
+        else:
+            log(f"floor measurement failed: {fl['error']}")
+        for v in variants:
+            if v.name in broken:
+                continue
+            spec = {"task": "run", "engine": v.engine, "precision": v.precision, "dtype": v.dtype,
+                    "quantize": v.precision if v.precision in QUANT_MODES else None,
+                    "int8_threshold": args.int8_threshold, "backend": args.backend, "compile": args.compile,
+                    "device": device,
+                    "folder": folder, "ct2_folder": ct2_folders.get(v.precision) if v.engine == "ctranslate2" else None,
+                    "compute_type": v.compute_type, "threads": args.threads, "batches": batches}
+            rec = dict(measure(spec, args), variant=v.name, engine=v.engine, precision=v.precision, round=rnd)
+            if "result" in rec:
+                dec = ", ".join(f"b{b['batch']} {b['decode_s'] * 1e3:.1f}" for b in rec["result"]["batches"])
+                log(f"round {rnd + 1}/{args.repeats} {v.name}: load {rec['result']['load_s']:.1f} s, decode ms/token "
+                    f"{dec}" + (f" ⚠ loaded ({rec['foreign_max']:.0%} busy)" if rec["loaded"] else ""))
+            else:
+                broken.add(v.name)
+                report["failed"].append(f"{v.name}: {rec['error']}")
+                log(f"{v.name} failed: {rec['error']}")
+            report["runs"].append(rec)
+            if args.json and report["floor_samples"]:  # a run cut short still leaves every sample so far
+                Path(args.json).write_text(json.dumps(finish(report), indent=1))
+
+
 def run(args) -> int:
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)
     if args.report:
@@ -465,14 +513,8 @@ def run(args) -> int:
     shapes = checkpoint_shapes(Path(folder))
     weight_bytes = {v.precision: decode_weight_bytes(shapes, model_type, v.precision, v.dtype) for v in variants}
 
-    # one prompt for everyone: random ids, no special tokens (ids >= 4), one row per batch entry
-    import random
-    rng = random.Random(0)
-    hi = min(config["vocab_size"], _tokenizer_size(Path(folder)) or config["vocab_size"])
-    prompts = [[rng.randrange(4, hi) for _ in range(args.prompt_tokens)] for _ in range(max(args.batch))]
-    order = sorted(zip(args.batch, new_tokens))  # ascending batch: the peak RSS read after each batch is its own
-    batches = [{"ids": prompts[:B], "new_tokens": n} for B, n in order]
-    batch_sizes, new_tokens = [B for B, _ in order], [n for _, n in order]
+    batches = make_batches(config["vocab_size"], Path(folder), args.prompt_tokens, args.batch, new_tokens)
+    batch_sizes, new_tokens = [len(b["ids"]) for b in batches], [b["new_tokens"] for b in batches]
     floor_bytes = (args.floor_mib or (4096 if device.startswith("cuda") else 1024)) * 2**20
 
     report = {
@@ -486,39 +528,7 @@ def run(args) -> int:
         "variants": [v.__dict__ for v in variants], "weight_bytes_per_step": weight_bytes,
         "missing": missing, "not_measured": not_measured, "failed": [], "floor_samples": [], "runs": [],
     }
-    broken = set()
-    for rnd in range(args.repeats):
-        quiet = quiet_check(args.quiet_threshold, args.wait_quiet)
-        fl = spawn({"task": "floor", "bytes": floor_bytes, "threads": args.threads, "repeats": 5, "device": device},
-                   args.threads, 600)
-        if "result" in fl:
-            loaded = not quiet["quiet"] or fl["foreign"] > args.quiet_threshold
-            report["floor_samples"].append(dict(fl["result"], round=rnd, loaded=loaded, busy_before=quiet["busy"],
-                                                foreign=fl["foreign"]))
-            log(f"round {rnd + 1}/{args.repeats} floor {fl['result']['gbps']:.1f} GB/s" + (" ⚠ loaded" if loaded else ""))
-        else:
-            log(f"floor measurement failed: {fl['error']}")
-        for v in variants:
-            if v.name in broken:
-                continue
-            spec = {"task": "run", "engine": v.engine, "precision": v.precision, "dtype": v.dtype,
-                    "quantize": v.precision if v.precision in QUANT_MODES else None,
-                    "int8_threshold": args.int8_threshold, "backend": args.backend, "compile": args.compile,
-                    "device": device,
-                    "folder": folder, "ct2_folder": prep["ct2"].get(v.precision) if v.engine == "ctranslate2" else None,
-                    "compute_type": v.compute_type, "threads": args.threads, "batches": batches}
-            rec = dict(measure(spec, args), variant=v.name, engine=v.engine, precision=v.precision, round=rnd)
-            if "result" in rec:
-                dec = ", ".join(f"b{b['batch']} {b['decode_s'] * 1e3:.1f}" for b in rec["result"]["batches"])
-                log(f"round {rnd + 1}/{args.repeats} {v.name}: load {rec['result']['load_s']:.1f} s, decode ms/token "
-                    f"{dec}" + (f" ⚠ loaded ({rec['foreign_max']:.0%} busy)" if rec["loaded"] else ""))
-            else:
-                broken.add(v.name)
-                report["failed"].append(f"{v.name}: {rec['error']}")
-                log(f"{v.name} failed: {rec['error']}")
-            report["runs"].append(rec)
-            if args.json and report["floor_samples"]:  # a run cut short still leaves every sample so far
-                Path(args.json).write_text(json.dumps(finish(report), indent=1))
+    run_rounds(report, variants, args, device, folder, prep["ct2"], batches, floor_bytes, log)
 
     if not report["floor_samples"]:
         raise MinibloomError("the bandwidth floor could not be measured (see the messages above)")

@@ -292,7 +292,8 @@ def compile_decode(fn):
     graph's ~130 calls (kernels and inductor's fused loops) are made from generated C++, not from a generated
     Python function: about -1 ms of a 26 ms int8 step (bloomz-560m shape, same process), +25% compile time.
     dynamic=True: the cache grows every step and must not trigger a recompile. fullgraph=True: a graph break
-    would be a silent slowdown, so it is an error. The first step compiles (about 20-70 s on 2 cores; cached on disk by torch)."""
+    would be a silent slowdown, so it is an error. The first step compiles (about 20-70 s on 2 cores; cached on
+    disk by torch)."""
     compiled = torch.compile(fn, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
 
     def step(*args):

@@ -203,6 +203,13 @@ TGT_AVX2 static inline float hsum_ps(__m256 v) {
 // ---------------------------------------------------------------------------------------------------------
 // W8A8: activation quantization (outlier columns recorded and zeroed), then the int8 GEMM + epilogue.
 
+// 16 elements of fp32 or bf16 at x[i:] (masked by mk) -> fp32; bf16 -> fp32 is a 16-bit shift.
+TGT_F static inline __m512 load16_as_f32(const void* x, bool bf16, int64_t i, __mmask16 mk) {
+  return bf16 ? _mm512_castsi512_ps(
+                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t*)x + i)), 16))
+              : _mm512_maskz_loadu_ps(mk, (const float*)x + i);
+}
+
 // fp32 copy of x (M, K); with cmax != nullptr also the column maxima max_m |x[m, k]| (K,), in one pass.
 // max(|x|, cmax) keeps cmax on a NaN, as the scalar std::max(cmax, |x|) does.
 TGT_F static void to_f32_colmax_avx512(const void* x, bool x_bf16, int64_t M, int64_t K, float* xf, float* cmax) {
@@ -210,9 +217,7 @@ TGT_F static void to_f32_colmax_avx512(const void* x, bool x_bf16, int64_t M, in
     for (int64_t k = 0; k < K; k += 16) {
       const __mmask16 mk = (__mmask16)tail_mask(K - k);
       const int64_t i = m * K + k;
-      const __m512 v = x_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t*)x + i)), 16))
-                              : _mm512_maskz_loadu_ps(mk, (const float*)x + i);
+      const __m512 v = load16_as_f32(x, x_bf16, i, mk);
       _mm512_mask_storeu_ps(xf + i, mk, v);
       if (cmax)
         _mm512_mask_storeu_ps(cmax + k, mk, _mm512_max_ps(_mm512_abs_ps(v), _mm512_maskz_loadu_ps(mk, cmax + k)));
@@ -855,13 +860,12 @@ void linear_f32(const float* x, const float* w, const void* bias, bool bias_bf16
 // counting as larger than any number (the first NaN wins). torch's CPU argmax reads ~2.3 GB/s on lm_head's
 // 250,880 logits (0.44 ms per token in fp32, 1 ms in bf16); this reads them at cache speed.
 
-static int64_t argmax_row_scalar(const void* x, bool bf16, int64_t N) {
-  int64_t best_i = 0;
-  float best = -INFINITY;
-  for (int64_t i = 0; i < N; i++) {
-    const float v = bf16 ? bf16_to_f32(((const uint16_t*)x)[i]) : ((const float*)x)[i];
+// x[from:N) scanned on from the running (best, best_i): the first NaN's index, else the first index of the max.
+static int64_t argmax_scan(const void* x, bool bf16, int64_t from, int64_t N, float best, int64_t best_i) {
+  for (int64_t i = from; i < N; i++) {
+    const float v = load_f(x, bf16, i);
     if (v != v) return i;
-    if (v > best || i == 0) best = v, best_i = i;
+    if (v > best) best = v, best_i = i;
   }
   return best_i;
 }
@@ -871,22 +875,19 @@ static int64_t argmax_row_scalar(const void* x, bool bf16, int64_t N) {
 // a row with one is rescanned by the scalar code for its first NaN.
 TGT_F static int64_t argmax_row_avx512(const void* x, bool bf16, int64_t N) {
   const int64_t N16 = N & ~int64_t(15);
-  if (N16 == 0) return argmax_row_scalar(x, bf16, N);
   __m512 vmax = _mm512_set1_ps(-INFINITY);
   __m512i vidx = _mm512_setzero_si512(), cur = _mm512_setzero_si512();
   const __m512i one = _mm512_set1_epi32(1);
   __mmask16 nan = 0;
   for (int64_t i = 0; i < N16; i += 16) {
-    const __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)x + i))), 16))
-                          : _mm512_loadu_ps((const float*)x + i);
+    const __m512 v = load16_as_f32(x, bf16, i, 0xffff);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);
     vmax = _mm512_mask_mov_ps(vmax, gt, v);
     vidx = _mm512_mask_mov_epi32(vidx, gt, cur);
     cur = _mm512_add_epi32(cur, one);
   }
-  if (nan) return argmax_row_scalar(x, bf16, N);
+  if (nan) return argmax_scan(x, bf16, 0, N, -INFINITY, 0);
   alignas(64) float m[16];
   alignas(64) int32_t ix[16];
   _mm512_store_ps(m, vmax);
@@ -897,12 +898,7 @@ TGT_F static int64_t argmax_row_avx512(const void* x, bool bf16, int64_t N) {
     const int64_t i = (int64_t)ix[l] * 16 + l;
     if (m[l] > best || (m[l] == best && i < best_i)) best = m[l], best_i = i;
   }
-  for (int64_t i = N16; i < N; i++) {  // the tail comes after every vector index: strict > keeps the first
-    const float v = bf16 ? bf16_to_f32(((const uint16_t*)x)[i]) : ((const float*)x)[i];
-    if (v != v) return i;
-    if (v > best) best = v, best_i = i;
-  }
-  return best_i;
+  return argmax_scan(x, bf16, N16, N, best, best_i);  // the tail comes after every vector index
 }
 
 void argmax_rows(const void* x, bool bf16, int64_t M, int64_t N, int64_t* out) {
@@ -910,9 +906,8 @@ void argmax_rows(const void* x, bool bf16, int64_t M, int64_t N, int64_t* out) {
 #pragma omp parallel for if (M > 1 && M * N >= (1 << 20))
   for (int64_t r = 0; r < M; r++) {
     const void* row = bf16 ? (const void*)((const uint16_t*)x + r * N) : (const void*)((const float*)x + r * N);
-    out[r] = simd ? argmax_row_avx512(row, bf16, N) : argmax_row_scalar(row, bf16, N);
+    out[r] = simd ? argmax_row_avx512(row, bf16, N) : argmax_scan(row, bf16, 0, N, -INFINITY, 0);
   }
 }
 
 }  // namespace mbmm
-
