@@ -263,7 +263,8 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     """Greedy pick: x (..., V) fp32|bf16 logits -> (...,) int64, exactly torch.argmax(x, -1) (first maximum; a NaN
     counts as the maximum). torch's CPU argmax reads lm_head's 250,880 logits at ~2 GB/s (0.4-1 ms a token)."""
     if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dtype not in _FLOATS:
-        raise ValueError("argmax: x must be a float32 or bfloat16 CPU tensor of logits (..., V)")
+        raise ValueError("argmax: x must be a float32 or bfloat16 CPU tensor of logits (..., V); convert it with "
+                         "x.float().cpu(), or use torch.argmax(x, -1) elsewhere")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"argmax: x must have a non-empty last dim (the vocabulary), got shape {tuple(x.shape)}")
     return _ops().argmax_rows(x.reshape(-1, x.shape[-1]).contiguous()).view(x.shape[:-1])
