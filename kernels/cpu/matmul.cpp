@@ -121,12 +121,32 @@ static void run_tiles16(const Ctx& c) {
   }
 }
 
+// Software prefetch in the row kernels, 2 KiB ahead of the current load: on Intel and on CPUs without AVX-512.
+// Measured on cold lm_head-sized streams (kernels/MATMUL.md): on Sapphire Rapids 0.5-2 KiB gain 10% over none
+// (2 KiB best); on AMD Zen 4 any distance (1-4 KiB) loses 10-15% against the hardware prefetcher alone; on AMD
+// Zen 2 (AVX2) it gains 20% for weight-only int8 and ~5% for bf16, W8A8 unchanged.
+constexpr int64_t PREFETCH = 2048;
+// MINIBLOOM_SW_PREFETCH=0|1 overrides the rule (for measuring it on a new machine).
+static bool sw_prefetch_rule() {
+  if (const char* e = std::getenv("MINIBLOOM_SW_PREFETCH"); e && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel") || !__builtin_cpu_supports("avx512f");
+}
+static const bool g_sw_prefetch = sw_prefetch_rule();
+#define ROW_PREFETCH(p)                                        \
+  do {                                                         \
+    if constexpr (PF) _mm_prefetch((const char*)(p), _MM_HINT_T0); \
+  } while (0)
+
 // Row driver (decode, M <= 8; AVX-512 and AVX2): each OpenMP thread takes a contiguous range of weight rows and
 // reads each row once, front to back, dotting it with every row of x (which stays in L1). One sequential weight
 // stream per thread is what the hardware prefetchers follow best: on Sapphire Rapids it streams W at the
 // machine's read bandwidth, where interleaving 8 rows per panel (the tile driver) reached two thirds of it; on
 // Zen 2 (AVX2) the 4-row tiles read lm_head at half the rate of torch.sum (kernels/MATMUL.md).
 // Row kernels keep >= 4 independent accumulators per x row to hide the dot instructions' latency.
+// Each row kernel copies its context into a local and takes the prefetch choice as a template argument: with the
+// fields read through a reference (the stores to y might alias them) and the choice tested per line, lm_head
+// streamed 12% slower than a bare read loop over the same bytes on Zen 4; now within 2-7% of it.
 
 template <class Kern, int MR, class Ctx>
 static void drive_rows(const Ctx& c) {
@@ -136,7 +156,10 @@ static void drive_rows(const Ctx& c) {
     // The loop over rows lives inside the kernel: a target-attribute function cannot be inlined here,
     // and a call per weight row costs more than the row itself for lm_head's 250,880 rows of 1 KiB.
     const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-    Kern::template rows<MR>(c, c.N * t / T, c.N * (t + 1) / T);
+    if (g_sw_prefetch)
+      Kern::template rows<MR, true>(c, c.N * t / T, c.N * (t + 1) / T);
+    else
+      Kern::template rows<MR, false>(c, c.N * t / T, c.N * (t + 1) / T);
   }
 }
 
@@ -160,22 +183,6 @@ static bool run_rows(const Ctx& c) {
 template <int MR>
 constexpr int row_unroll() { return MR >= 4 ? 1 : 4 / MR; }
 
-// Software prefetch in the row kernels, 2 KiB ahead of the current load: on Intel and on CPUs without AVX-512.
-// Measured on cold lm_head-sized streams (kernels/MATMUL.md): on Sapphire Rapids 0.5-2 KiB gain 10% over none
-// (2 KiB best); on AMD Zen 4 any distance (1-4 KiB) loses 10-15% against the hardware prefetcher alone; on AMD
-// Zen 2 (AVX2) it gains 20% for weight-only int8 and ~5% for bf16, W8A8 unchanged.
-constexpr int64_t PREFETCH = 2048;
-// MINIBLOOM_SW_PREFETCH=0|1 overrides the rule (for measuring it on a new machine).
-static bool sw_prefetch_rule() {
-  if (const char* e = std::getenv("MINIBLOOM_SW_PREFETCH"); e && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
-  __builtin_cpu_init();
-  return __builtin_cpu_is("intel") || !__builtin_cpu_supports("avx512f");
-}
-static const bool g_sw_prefetch = sw_prefetch_rule();
-#define ROW_PREFETCH(p)                                          \
-  do {                                                           \
-    if (g_sw_prefetch) _mm_prefetch((const char*)(p), _MM_HINT_T0); \
-  } while (0)
 
 TGT_AVX2 static inline int32_t hsum_epi32(__m256i v) {
   __m128i a = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -395,39 +402,40 @@ struct W8A8Vnni {
   // vpdpbusd multiplies u8 x s8. The weight byte w flipped by XOR 0x80 is the u8 w + 128, so
   // sum(xq * w) = sum((w ^ 0x80) * xq) - 128 * sum(xq): one XOR per weight vector, one correction per x row.
   // No overflow: |w + 128| <= 255, |xq| <= 127, so the int32 sums hold for K up to 66,000 (bloom-176b: 57,344).
-  template <int MR>
-  TGT_VNNI static void rows(const W8A8& c, int64_t n_begin, int64_t n_end) {
-    for (int64_t n = n_begin; n < n_end; n++) row<MR>(c, n);
-  }
-
-  template <int MR>
-  TGT_VNNI static inline __attribute__((always_inline)) void row(const W8A8& c, int64_t n) {
+  template <int MR, bool PF>
+  TGT_VNNI static void rows(const W8A8& c_in, int64_t n_begin, int64_t n_end) {
+    const W8A8 c = c_in;
     constexpr int U = row_unroll<MR>();
-    const int8_t* w = c.w + n * c.K;
+    const int64_t K = c.K, K_main = K / (64 * U) * (64 * U);
+    const int8_t* const x = c.x;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512i acc[MR][U];
-    for (int i = 0; i < MR; i++)
-      for (int u = 0; u < U; u++) acc[i][u] = _mm512_setzero_si512();
-    int64_t k = 0;
-    for (; k + 64 * U <= c.K; k += 64 * U) {
-#pragma GCC unroll 4
-      for (int u = 0; u < U; u++) {
-        ROW_PREFETCH(w + k + 64 * u + PREFETCH);
-        const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + k + 64 * u), flip);
-#pragma GCC unroll 8
-        for (int i = 0; i < MR; i++)
-          acc[i][u] = _mm512_dpbusd_epi32(acc[i][u], wv, _mm512_loadu_si512(c.x + i * c.K + k + 64 * u));
-      }
-    }
-    for (; k < c.K; k += 64) {  // K tail: x is zero in the masked lanes, so the flipped zeros add nothing
-      const __mmask64 mk = tail_mask(c.K - k);
-      const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + k), flip);
+    int32_t correction[MR];
+    for (int i = 0; i < MR; i++) correction[i] = 128 * c.sum_x[i];
+    for (int64_t n = n_begin; n < n_end; n++) {
+      const int8_t* w = c.w + n * K;
+      __m512i acc[MR][U];
       for (int i = 0; i < MR; i++)
-        acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], wv, _mm512_maskz_loadu_epi8(mk, c.x + i * c.K + k));
-    }
-    for (int i = 0; i < MR; i++) {
-      for (int u = 1; u < U; u++) acc[i][0] = _mm512_add_epi32(acc[i][0], acc[i][u]);
-      c.store(i, n, _mm512_reduce_add_epi32(acc[i][0]) - 128 * c.sum_x[i]);
+        for (int u = 0; u < U; u++) acc[i][u] = _mm512_setzero_si512();
+      for (int64_t k = 0; k < K_main; k += 64 * U) {
+#pragma GCC unroll 4
+        for (int u = 0; u < U; u++) {
+          ROW_PREFETCH(w + k + 64 * u + PREFETCH);
+          const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + k + 64 * u), flip);
+#pragma GCC unroll 8
+          for (int i = 0; i < MR; i++)
+            acc[i][u] = _mm512_dpbusd_epi32(acc[i][u], wv, _mm512_loadu_si512(x + i * K + k + 64 * u));
+        }
+      }
+      for (int64_t k = K_main; k < K; k += 64) {  // K tail: x is zero in the masked lanes, so the flipped zeros add nothing
+        const __mmask64 mk = tail_mask(K - k);
+        const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + k), flip);
+        for (int i = 0; i < MR; i++)
+          acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], wv, _mm512_maskz_loadu_epi8(mk, x + i * K + k));
+      }
+      for (int i = 0; i < MR; i++) {
+        for (int u = 1; u < U; u++) acc[i][0] = _mm512_add_epi32(acc[i][0], acc[i][u]);
+        c.store(i, n, _mm512_reduce_add_epi32(acc[i][0]) - correction[i]);
+      }
     }
   }
 
@@ -459,8 +467,9 @@ struct W8A8Vnni {
 struct W8A8Avx2 {
   // No VNNI: sign-extend both to int16 and vpmaddwd (exact; vpmaddubsw would saturate).
   // Rows: x is widened once (c.x16), so each 16 weights cost one widening load, one vpmaddwd and one add.
-  template <int MR>
-  TGT_AVX2 static void rows(const W8A8& c, int64_t n_begin, int64_t n_end) {
+  template <int MR, bool PF>
+  TGT_AVX2 static void rows(const W8A8& c_in, int64_t n_begin, int64_t n_end) {
+    const W8A8 c = c_in;
     constexpr int U = row_unroll<MR>();
     const int64_t K16 = c.K & ~15;
     for (int64_t n = n_begin; n < n_end; n++) {
@@ -572,8 +581,9 @@ TGT_AVX2 static inline __m256 load8(const uint16_t* p) {  // bf16 -> fp32 is a 1
 
 struct FmaAvx2 {
   // Rows (decode): U independent FMA chains per x row hide the FMA latency; the K % 8 tail is scalar.
-  template <int MR, class Ctx>
-  TGT_AVX2 static void rows(const Ctx& c, int64_t n_begin, int64_t n_end) {
+  template <int MR, bool PF, class Ctx>
+  TGT_AVX2 static void rows(const Ctx& c_in, int64_t n_begin, int64_t n_end) {
+    const Ctx c = c_in;
     constexpr int U = row_unroll<MR>();
     const int64_t K8 = c.K & ~7;
     for (int64_t n = n_begin; n < n_end; n++) {
@@ -681,8 +691,9 @@ TGT_F static inline __m512 load16(const int8_t* p, __mmask16 mk) {
 }
 
 struct FmaAvx512 {
-  template <int MR, class Ctx>
-  TGT_F static void rows(const Ctx& c, int64_t n_begin, int64_t n_end) {
+  template <int MR, bool PF, class Ctx>
+  TGT_F static void rows(const Ctx& c_in, int64_t n_begin, int64_t n_end) {
+    const Ctx c = c_in;
     constexpr int U = row_unroll<MR>();
     for (int64_t n = n_begin; n < n_end; n++) {
       const auto* w = c.w + n * c.K;
@@ -774,8 +785,9 @@ struct Dense {
 using Bf16 = Dense<uint16_t>;
 
 struct Bf16Avx512 {
-  template <int MR>
-  TGT_BF16 static void rows(const Bf16& c, int64_t n_begin, int64_t n_end) {
+  template <int MR, bool PF>
+  TGT_BF16 static void rows(const Bf16& c_in, int64_t n_begin, int64_t n_end) {
+    const Bf16 c = c_in;
     constexpr int U = row_unroll<MR>();
     for (int64_t n = n_begin; n < n_end; n++) {
       const uint16_t* w = c.w + n * c.K;

@@ -307,3 +307,34 @@ def test_argmax_validation():
         mm.argmax(torch.zeros(2, 5, dtype=torch.float16))
     with pytest.raises(ValueError, match="non-empty last dim"):
         mm.argmax(torch.zeros(2, 0))
+
+
+_PREFETCH_CHECK = """
+import torch
+from minibloom.kernels import matmul_ref as ref
+from minibloom.kernels.cpu import matmul as mm
+assert mm.available()[0]
+g = torch.Generator().manual_seed(0)
+for M, N, K in [(1, 37, 1030), (3, 40, 4096), (8, 9, 64)]:   # row kernels: M <= 8
+    x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * 0.05, torch.randn(N, generator=g)
+    wq, s = mm.quantize_rows(w)
+    torch.testing.assert_close(mm.linear_w8a8(x, wq, s, b), ref.linear_w8a8_ref(x, wq, s, b))
+    torch.testing.assert_close(mm.linear_int8_weight(x, wq, s, b), ref.linear_int8_weight_ref(x, wq, s, b))
+    torch.testing.assert_close(mm.linear_f32(x, w, b), ref.linear_f32_ref(x, w, b))
+    xb, wb = x.bfloat16(), w.bfloat16()
+    torch.testing.assert_close(mm.linear_bf16(xb, wb, b), ref.linear_bf16_ref(xb, wb, b), atol=0.05, rtol=0.02)
+print("ok")
+"""
+
+
+@needs_ext
+@pytest.mark.parametrize("flag", ["0", "1"])
+def test_row_kernels_with_and_without_software_prefetch(flag):
+    # The prefetch choice is made once per process (MINIBLOOM_SW_PREFETCH or the CPU rule) and compiled into
+    # separate row-kernel instances: run both instances, whichever this CPU would pick.
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, MINIBLOOM_SW_PREFETCH=flag)
+    out = subprocess.run([sys.executable, "-c", _PREFETCH_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
