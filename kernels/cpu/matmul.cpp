@@ -29,20 +29,21 @@ namespace mbmm {
 // Bits returned by simd_level (kept in sync with matmul.py).
 enum { SIMD_AVX512F = 1, SIMD_VNNI = 2, SIMD_BF16 = 4, SIMD_AVX2 = 8 };
 
-static int g_force_scalar = 0;
+static int g_cap = 2;  // highest SIMD family allowed: 0 scalar, 1 AVX2, 2 all the CPU has (AVX-512)
 
 static bool cpu_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl");
   return ok;
 }
-static bool use_vnni() { return !g_force_scalar && cpu_avx512() && __builtin_cpu_supports("avx512vnni"); }
-static bool use_f() { return !g_force_scalar && cpu_avx512(); }
-static bool use_bf16() { return !g_force_scalar && cpu_avx512() && __builtin_cpu_supports("avx512bf16"); }
-static bool use_avx2() { return !g_force_scalar && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+static bool use_vnni() { return g_cap >= 2 && cpu_avx512() && __builtin_cpu_supports("avx512vnni"); }
+static bool use_f() { return g_cap >= 2 && cpu_avx512(); }
+static bool use_bf16() { return g_cap >= 2 && cpu_avx512() && __builtin_cpu_supports("avx512bf16"); }
+static bool use_avx2() { return g_cap >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
-int simd_level(int force_scalar) {
-  if (force_scalar >= 0) g_force_scalar = force_scalar;
+// cap >= 0 sets the highest family allowed (tests run the AVX2 kernels on an AVX-512 CPU); returns the bits in use.
+int simd_level(int cap) {
+  if (cap >= 0) g_cap = cap;
   return (use_f() ? SIMD_AVX512F : 0) | (use_vnni() ? SIMD_VNNI : 0) | (use_bf16() ? SIMD_BF16 : 0) |
          (use_avx2() ? SIMD_AVX2 : 0);
 }

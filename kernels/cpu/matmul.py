@@ -45,8 +45,8 @@ def _load() -> tuple[bool, str]:
             _state = _jit.load_extension("minibloom_matmul", _SOURCES)
             if _state[0]:
                 _register_fakes()
-                PREFILL_MIN_ROWS.update(_prefill_policy(torch.ops.minibloom_matmul.simd_level(0)))
-                torch.ops.minibloom_matmul.simd_level(int(os.environ.get("MINIBLOOM_FORCE_SCALAR", "0") == "1"))
+                PREFILL_MIN_ROWS.update(_prefill_policy(torch.ops.minibloom_matmul.simd_level(2)))
+                torch.ops.minibloom_matmul.simd_level(0 if os.environ.get("MINIBLOOM_FORCE_SCALAR", "0") == "1" else 2)
         except Exception as e:  # available() must never raise
             _state = (False, f"loading the minibloom_matmul kernels failed: {e}")
     return _state
@@ -66,7 +66,13 @@ def _ops():
 
 def set_force_scalar(flag: bool) -> None:
     """Run the scalar C fallback instead of the SIMD kernels (tests, debugging)."""
-    _ops().simd_level(int(bool(flag)))
+    _ops().simd_level(0 if flag else 2)
+
+
+def _set_simd_cap(level: int) -> str:
+    """Testing hook: cap the kernel family (0 scalar, 1 AVX2, 2 all the CPU has); returns the path now in use."""
+    _ops().simd_level(level)
+    return simd_path()
 
 
 def simd_path() -> str:

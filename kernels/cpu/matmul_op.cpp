@@ -15,7 +15,7 @@ using torch::stable::Tensor;
 using torch::headeronly::ScalarType;
 
 namespace mbmm {  // matmul.cpp
-int simd_level(int force_scalar);
+int simd_level(int cap);
 void quantize_rows(const float* w, int64_t N, int64_t K, int8_t* q, float* scale);
 void quantize_activations(const void* x, bool x_bf16, int64_t M, int64_t K, float threshold, int8_t* xq,
                           float* s_x, std::vector<int32_t>& outliers);
@@ -57,7 +57,7 @@ static void check_args(const Tensor& x, const Tensor& w, ScalarType wdt, const T
 static const void* bias_ptr(const std::optional<Tensor>& b) { return b ? b->data_ptr() : nullptr; }
 static bool bias_bf16(const std::optional<Tensor>& b) { return b && is_bf16(*b); }
 
-int64_t simd_level(int64_t force_scalar) { return mbmm::simd_level((int)force_scalar); }
+int64_t simd_level(int64_t cap) { return mbmm::simd_level((int)cap); }
 
 std::tuple<Tensor, Tensor> quantize_rows(Tensor w) {
   check_2d(w, "w");
@@ -133,7 +133,7 @@ Tensor argmax_rows(Tensor x) {
 }
 
 STABLE_TORCH_LIBRARY(minibloom_matmul, m) {
-  m.def("simd_level(int force_scalar) -> int");
+  m.def("simd_level(int cap) -> int");
   m.def("quantize_rows(Tensor w) -> (Tensor, Tensor)");
   m.def("quantize_activations(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)");
   m.def("linear_w8a8(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias, float threshold) -> Tensor");

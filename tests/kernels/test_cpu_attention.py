@@ -1,7 +1,7 @@
 """CPU fused attention kernels vs their plain-PyTorch references (kernels/attention_ref.py).
 
-Every kernel case runs on each code path this CPU has: the scalar C code, the SIMD build for the CPU (AVX2 or
-AVX-512) and, on AVX2 machines, the AVX-512 template logic compiled for AVX2 ("avx2-w16").
+Every kernel case runs on each code path this CPU can run: the scalar C code, the SIMD build for the CPU (AVX2 or
+AVX-512) and every lower one: the AVX2 code and the AVX-512 template logic compiled for AVX2 ("avx2-w16").
 fp32: within 1e-5 of the fp32 reference. bf16: error vs the fp32 reference at most 2x the error of PyTorch's
 own bf16 path (the reference run on bf16 tensors with upcast=False) vs the same fp32 reference.
 """
@@ -27,8 +27,8 @@ def _cpu_paths():
         return ["scalar"]
     best = A._set_simd_cap(2)
     A._apply_simd_cap()
-    paths = ["scalar", best] if best != "scalar" else ["scalar"]
-    return paths + (["avx2-w16"] if best == "avx2" else [])
+    lower = {"avx512": ["avx2", "avx2-w16"], "avx2": ["avx2-w16"]}.get(best, [])  # every path this CPU can run
+    return ["scalar"] + ([best] if best != "scalar" else []) + lower
 
 
 PATHS = _cpu_paths()

@@ -15,11 +15,21 @@ OK, REASON = mm.available()
 needs_ext = pytest.mark.skipif(not OK, reason=f"CPU matmul extension unavailable: {REASON}")
 
 
-@pytest.fixture(params=["simd", "scalar"])
+def _paths():
+    # The best SIMD family, the scalar fallback and, on an AVX-512 CPU that also has AVX2, the AVX2 kernels.
+    if not OK:
+        return ["simd", "scalar"]
+    best = mm.simd_path()
+    has_avx2 = mm._set_simd_cap(1) == "avx2"
+    mm._set_simd_cap(2)
+    return ["simd", "scalar"] + (["avx2"] if has_avx2 and best.startswith("avx512") else [])
+
+
+@pytest.fixture(params=_paths())
 def path(request):
-    mm.set_force_scalar(request.param == "scalar")
+    mm._set_simd_cap({"simd": 2, "avx2": 1, "scalar": 0}[request.param])
     yield request.param
-    mm.set_force_scalar(False)
+    mm._set_simd_cap(2)
 
 
 def _x(M, K, dtype=torch.float32, outliers=(), seed=0):
@@ -315,7 +325,8 @@ from minibloom.kernels import matmul_ref as ref
 from minibloom.kernels.cpu import matmul as mm
 assert mm.available()[0]
 g = torch.Generator().manual_seed(0)
-for M, N, K in [(1, 37, 1030), (3, 40, 4096), (8, 9, 64)]:   # row kernels: M <= 8
+for cap, M, N, K in [(c, *shape) for c in (2, 1) for shape in [(1, 37, 1030), (3, 40, 4096), (8, 9, 64)]]:
+    mm._set_simd_cap(cap)                                    # AVX-512 (where present) and AVX2 row kernels, M <= 8
     x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * 0.05, torch.randn(N, generator=g)
     wq, s = mm.quantize_rows(w)
     torch.testing.assert_close(mm.linear_w8a8(x, wq, s, b), ref.linear_w8a8_ref(x, wq, s, b))
