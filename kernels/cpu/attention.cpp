@@ -583,8 +583,8 @@ const Ops& ops() {
 // ---------------------------------------------------------------------------------------------------------
 // Decode: work item = (b, h, chunk of keys). The chunks split the keys of a row when B*H alone cannot keep all
 // threads busy (split-K); each item leaves (m, l, O) and a combine step merges them per (b, h). With one
-// chunk per row the item writes its output directly: one OpenMP region per call. An item reads its keys' K
-// first (scores), then their V (the p.V sums): one memory stream at a time.
+// chunk per row the item writes its output directly: one OpenMP region per call. A thread reads the K of a group
+// of items first (scores), then their V (the p.V sums): one memory stream at a time.
 
 struct Partial {
   float m, l;
@@ -626,57 +626,77 @@ extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void*
   std::vector<Partial> part(BH * nc);
   std::vector<float> part_o(BH * nc * D);
 
-#pragma omp parallel for schedule(static)
-  for (int64_t it = 0; it < BH * nc; it++) {
-    const int64_t bh = it / nc, c = it % nc, b = bh / H, h = bh % H;
-    const int64_t j0 = c * chunk, j1 = std::min(L, j0 + chunk);
-    alignas(64) float qf[256];
-    const void* qp = offset(q, bf16, b * q_st[0] + h * q_st[1]);
-    for (int64_t d = 0; d < D; d++) qf[d] = load_elem(qp, bf16, perm ? perm16(d) : d);
-    const void* kp = offset(k, bf16, b * k_st[0] + h * k_st[1]);
-    const void* vp = offset(v, bf16, b * v_st[0] + h * v_st[1]);
-    const int32_t* pos = key_pos + b * L;
-    // Scores and key biases of the whole chunk, block by block: (chunk rounded up to KB,) each.
-    const int64_t nblk = (j1 - j0 + KB - 1) / KB;
+  // Each thread takes a contiguous range of items and runs them in groups: pass 1 (K) of every item of the group,
+  // then pass 2 (V) of each. Consecutive heads' keys are neighbours in the cache, so K is read as one long stream
+  // and V as another, instead of two short streams per head (S = 512: 64 KiB each, where every new stream waits
+  // for the prefetcher to ramp up). A group's scores fit in L2: at most GROUP_FLOATS floats.
+  constexpr int64_t GROUP_FLOATS = 64 * 1024;
+  const int64_t per_item = 2 * (chunk / KB) * KB;  // scores and key biases of one item, whole blocks
+#pragma omp parallel
+  {
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t i0 = BH * nc * t / nt, i1 = BH * nc * (t + 1) / nt;
+    const int64_t G = std::max<int64_t>(1, std::min(i1 - i0, GROUP_FLOATS / per_item));
     thread_local std::vector<float> scratch;
-    scratch.resize(2 * std::max<int64_t>(1, nblk) * KB);
-    float* s = scratch.data();
-    float* keybias = s + nblk * KB;
-    float m = NEG_INF, l = 0.f, corr;
-    float* o = part_o.data() + it * D;
-    std::fill(o, o + D, 0.f);
-    // Pass 1 streams K alone: every score of the chunk, its bias (-inf: masked key or past the chunk's end) and
-    // their max. Reading K and V in turn, block by block, was 8-18% slower cold (Zen 4, 2 threads).
-    for (int64_t jb = j0; jb < j1; jb += KB) {
-      const int n = (int)std::min<int64_t>(KB, j1 - jb);
-      float* sb = s + (jb - j0);
-      float* bb = keybias + (jb - j0);
-      op.dots(qf, offset(kp, bf16, jb * k_st[2]), k_st[2], n, (int)D, bf16, sb);
-      for (int jj = 0; jj < KB; jj++) {
-        const int64_t j = jb + jj;
-        if (jj >= n || pos[j] < 0)
-          bb[jj] = NEG_INF;
-        else if (alibi)
-          bb[jj] = alibi[h] * (float)pos[j];
-        else if (t5_table)
-          bb[jj] = t5_table[bucket[b * L + j] * H + h];
-        else if (bias)
-          bb[jj] = bias[h * L + j];
-        else
-          bb[jj] = 0.f;
-        if (jj < n) m = std::max(m, sb[jj] * scale + bb[jj]);
+    scratch.resize(G * per_item);
+    for (int64_t g0 = i0; g0 < i1; g0 += G) {
+      const int64_t g1 = std::min(i1, g0 + G);
+      // Pass 1 streams K alone: every score of the chunk, its bias (-inf: masked key or past the chunk's end) and
+      // their max. Reading K and V in turn, block by block, was 8-18% slower cold (Zen 4, 2 threads).
+      for (int64_t it = g0; it < g1; it++) {
+        const int64_t bh = it / nc, c = it % nc, b = bh / H, h = bh % H;
+        const int64_t j0 = c * chunk, j1 = std::min(L, j0 + chunk);
+        alignas(64) float qf[256];
+        const void* qp = offset(q, bf16, b * q_st[0] + h * q_st[1]);
+        for (int64_t d = 0; d < D; d++) qf[d] = load_elem(qp, bf16, perm ? perm16(d) : d);
+        const void* kp = offset(k, bf16, b * k_st[0] + h * k_st[1]);
+        const int32_t* pos = key_pos + b * L;
+        float* sc = scratch.data() + (it - g0) * per_item;  // (chunk,) scores
+        float* keybias = sc + per_item / 2;                 // (chunk,) key biases
+        float m = NEG_INF;
+        for (int64_t jb = j0; jb < j1; jb += KB) {
+          const int n = (int)std::min<int64_t>(KB, j1 - jb);
+          float* sb = sc + (jb - j0);
+          float* bb = keybias + (jb - j0);
+          op.dots(qf, offset(kp, bf16, jb * k_st[2]), k_st[2], n, (int)D, bf16, sb);
+          for (int jj = 0; jj < KB; jj++) {
+            const int64_t j = jb + jj;
+            if (jj >= n || pos[j] < 0)
+              bb[jj] = NEG_INF;
+            else if (alibi)
+              bb[jj] = alibi[h] * (float)pos[j];
+            else if (t5_table)
+              bb[jj] = t5_table[bucket[b * L + j] * H + h];
+            else if (bias)
+              bb[jj] = bias[h * L + j];
+            else
+              bb[jj] = 0.f;
+            if (jj < n) m = std::max(m, sb[jj] * scale + bb[jj]);
+          }
+        }
+        part[it] = {m, 0.f};
+      }
+      // Pass 2 streams V alone: the online softmax of each block starts from the chunk's max, so its rescaling
+      // factor is 1 up to the rounding of that max (the update rule is unchanged, so it stays exact either way).
+      for (int64_t it = g0; it < g1; it++) {
+        const int64_t bh = it / nc, c = it % nc, b = bh / H, h = bh % H;
+        const int64_t j0 = c * chunk, j1 = std::min(L, j0 + chunk);
+        const void* vp = offset(v, bf16, b * v_st[0] + h * v_st[1]);
+        float* sc = scratch.data() + (it - g0) * per_item;
+        float* keybias = sc + per_item / 2;
+        float m = part[it].m, l = 0.f, corr;
+        float* o = part_o.data() + it * D;
+        std::fill(o, o + D, 0.f);
+        for (int64_t jb = j0; jb < j1; jb += KB) {
+          const int n = (int)std::min<int64_t>(KB, j1 - jb);
+          const int limit = n;  // s[n:] is not computed
+          op.softmax(sc + (jb - j0), 1, scale, keybias + (jb - j0), nullptr, &limit, &m, &l, &corr);
+          op.pv(o, sc + (jb - j0), &corr, offset(vp, bf16, jb * v_st[2]), v_st[2], 1, n, (int)D, bf16);
+        }
+        part[it] = {m, l};
+        if (nc == 1) store_row(out, bf16, bh * D, o, D, l > 0.f ? 1.f / l : 0.f, perm);  // all keys masked -> 0
       }
     }
-    // Pass 2 streams V alone: the online softmax of each block starts from the chunk's max, so its rescaling
-    // factor is 1 up to the rounding of that max (the update rule is unchanged, so it stays exact either way).
-    for (int64_t jb = j0; jb < j1; jb += KB) {
-      const int n = (int)std::min<int64_t>(KB, j1 - jb);
-      const int limit = n;  // s[n:] is not computed
-      op.softmax(s + (jb - j0), 1, scale, keybias + (jb - j0), nullptr, &limit, &m, &l, &corr);
-      op.pv(o, s + (jb - j0), &corr, offset(vp, bf16, jb * v_st[2]), v_st[2], 1, n, (int)D, bf16);
-    }
-    part[it] = {m, l};
-    if (nc == 1) store_row(out, bf16, bh * D, o, D, l > 0.f ? 1.f / l : 0.f, perm);  // all keys masked -> 0
   }
   if (nc == 1) return;
 
