@@ -12,6 +12,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstdint>
@@ -149,18 +150,62 @@ static const bool g_sw_prefetch = sw_prefetch_rule();
 // fields read through a reference (the stores to y might alias them) and the choice tested per line, lm_head
 // streamed 12% slower than a bare read loop over the same bytes on Zen 4; now within 2-7% of it.
 
+// The static split leaves one thread waiting for the other at the end of every call: on the 2-vCPU VM the two
+// read at rates 10-27% apart, changing sign from run to run. So each thread's range is cut into chunks of
+// ~16 KiB of weights: its owner takes them from the front, and a thread that has finished its own range takes
+// them from the back (one compare-and-swap per chunk on the range's (front, back) pair). The owner still reads
+// one sequential stream; only the imbalance is stolen.
+struct alignas(64) ChunkRange {
+  std::atomic<uint64_t> front_back;  // (front << 32) | back, in chunks: [front, back) are still unclaimed
+};
+
+static inline bool claim(ChunkRange& r, bool from_front, int64_t& chunk) {
+  uint64_t v = r.front_back.load(std::memory_order_relaxed);
+  for (;;) {
+    const uint64_t f = v >> 32, b = v & 0xffffffffu;
+    if (f >= b) return false;
+    const uint64_t next = from_front ? ((f + 1) << 32) | b : (f << 32) | (b - 1);
+    if (r.front_back.compare_exchange_weak(v, next, std::memory_order_relaxed)) {
+      chunk = (int64_t)(from_front ? f : b - 1);
+      return true;
+    }
+  }
+}
+
+template <class Kern, int MR, bool PF, class Ctx>
+static void rows_balanced(const Ctx& c, ChunkRange* ranges, int64_t T, int64_t t, int64_t rows_per_chunk) {
+  int64_t chunk;
+  // The loop over rows lives inside the kernel: a target-attribute function cannot be inlined here,
+  // and a call per weight row costs more than the row itself for lm_head's 250,880 rows of 1 KiB.
+  for (int64_t v = 0; v < T; v++) {  // v = 0: our own range from the front; then the others' from the back
+    ChunkRange& r = ranges[(t + v) % T];
+    while (claim(r, v == 0, chunk))
+      Kern::template rows<MR, PF>(c, chunk * rows_per_chunk, std::min(c.N, (chunk + 1) * rows_per_chunk));
+  }
+}
+
 template <class Kern, int MR, class Ctx>
 static void drive_rows(const Ctx& c) {
   const bool par = c.N * c.K * c.M >= (1 << 16);
-#pragma omp parallel if (par)
+  const int64_t T = par ? omp_get_max_threads() : 1;
+  const int64_t rows_per_chunk = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, c.K * (int64_t)sizeof(*c.w)));
+  const int64_t chunks = (c.N + rows_per_chunk - 1) / rows_per_chunk;
+  std::vector<ChunkRange> ranges(T);
+  for (int64_t t = 0; t < T; t++)
+    ranges[t].front_back.store(((uint64_t)(chunks * t / T) << 32) | (uint64_t)(chunks * (t + 1) / T));
+#pragma omp parallel num_threads(T) if (par)
   {
-    // The loop over rows lives inside the kernel: a target-attribute function cannot be inlined here,
-    // and a call per weight row costs more than the row itself for lm_head's 250,880 rows of 1 KiB.
-    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-    if (g_sw_prefetch)
-      Kern::template rows<MR, true>(c, c.N * t / T, c.N * (t + 1) / T);
-    else
-      Kern::template rows<MR, false>(c, c.N * t / T, c.N * (t + 1) / T);
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    if (nt != T) {  // fewer threads than asked for (nested region): split statically
+      if (g_sw_prefetch)
+        Kern::template rows<MR, true>(c, c.N * t / nt, c.N * (t + 1) / nt);
+      else
+        Kern::template rows<MR, false>(c, c.N * t / nt, c.N * (t + 1) / nt);
+    } else if (g_sw_prefetch) {
+      rows_balanced<Kern, MR, true>(c, ranges.data(), T, t, rows_per_chunk);
+    } else {
+      rows_balanced<Kern, MR, false>(c, ranges.data(), T, t, rows_per_chunk);
+    }
   }
 }
 
