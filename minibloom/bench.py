@@ -15,7 +15,9 @@ Method (each point is there because the number would lie without it):
   * the floor is the machine's read bandwidth measured in the same run (a reduction over a buffer far larger than
     L3, best of N): a decode step cannot be faster than (weight bytes it reads) / (bandwidth).
 The worker code (engine loading, timing, conversion, the bandwidth probe) is in bench_peers.py; the tables and
-the chart are in bench_report.py.
+the chart are in bench_report.py. This file, in order: the floor, the quiet-machine check, running workers,
+planning (which engine and precision runs), statistics and the report, then the command itself:
+run -> make_batches -> run_rounds -> finish -> show.
 """
 import argparse
 import datetime

@@ -140,7 +140,7 @@ static const bool g_sw_prefetch = sw_prefetch_rule();
     if constexpr (PF) _mm_prefetch((const char*)(p), _MM_HINT_T0); \
   } while (0)
 
-// Row driver (decode, M <= 8; AVX-512 and AVX2): each OpenMP thread takes a contiguous range of weight rows and
+// Row driver (decode, M <= 8; AVX-512 and AVX2): each OpenMP thread owns a contiguous range of weight rows and
 // reads each row once, front to back, dotting it with every row of x (which stays in L1). One sequential weight
 // stream per thread is what the hardware prefetchers follow best: on Sapphire Rapids it streams W at the
 // machine's read bandwidth, where interleaving 8 rows per panel (the tile driver) reached two thirds of it; on
@@ -193,19 +193,14 @@ static void drive_rows(const Ctx& c) {
   std::vector<ChunkRange> ranges(T);
   for (int64_t t = 0; t < T; t++)
     ranges[t].front_back.store(((uint64_t)(chunks * t / T) << 32) | (uint64_t)(chunks * (t + 1) / T));
+  // With fewer threads than ranges (a nested region gets one), the ranges nobody owns are all taken from the back.
 #pragma omp parallel num_threads(T) if (par)
   {
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    if (nt != T) {  // fewer threads than asked for (nested region): split statically
-      if (g_sw_prefetch)
-        Kern::template rows<MR, true>(c, c.N * t / nt, c.N * (t + 1) / nt);
-      else
-        Kern::template rows<MR, false>(c, c.N * t / nt, c.N * (t + 1) / nt);
-    } else if (g_sw_prefetch) {
+    const int64_t t = omp_get_thread_num();
+    if (g_sw_prefetch)
       rows_balanced<Kern, MR, true>(c, ranges.data(), T, t, rows_per_chunk);
-    } else {
+    else
       rows_balanced<Kern, MR, false>(c, ranges.data(), T, t, rows_per_chunk);
-    }
   }
 }
 
@@ -228,7 +223,6 @@ static bool run_rows(const Ctx& c) {
 // Accumulators per x row in a row kernel: 4 for one row, fewer as rows add independent chains.
 template <int MR>
 constexpr int row_unroll() { return MR >= 4 ? 1 : 4 / MR; }
-
 
 TGT_AVX2 static inline int32_t hsum_epi32(__m256i v) {
   __m128i a = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
