@@ -13,6 +13,7 @@
 // plain scalar loops and as one SIMD template instantiated for AVX2+FMA and AVX-512 with per-function target
 // attributes; the best set the CPU supports is picked at run time, so the .so is built without -march and
 // runs on any x86-64.
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -30,19 +31,21 @@ constexpr int BQ = 32;   // prefill query rows per work item
 constexpr int MR = 4;    // query rows per register tile
 constexpr float NEG_INF = -INFINITY;
 
-// SIMD levels: 0 scalar, 1 AVX2+FMA, 2 AVX-512 (F, BW, VL, DQ); 3 = test-only AVX2 build of the AVX-512 code.
-int g_simd_cap = 2;  // highest level allowed (mbattn_simd_level; 0 forces the scalar code)
+// SIMD levels: 0 scalar, 1 AVX2+FMA, 2 AVX-512 (F, BW, VL, DQ), 4 AVX-512 with AVX512_BF16 (bf16 dot products by
+// vdpbf16ps); 3 = test-only AVX2 build of the AVX-512 code.
+int g_simd_cap = 4;  // highest level allowed (mbattn_simd_level; 0 forces the scalar code)
 
 int cpu_simd_level() {
   static const int level = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-                               ? 2
+                               ? (__builtin_cpu_supports("avx512bf16") ? 4 : 2)
                                : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1 : 0;
   return level;
 }
 int simd_level() {
   if (g_simd_cap == 3) return cpu_simd_level() >= 1 ? 3 : 0;
-  return std::min(g_simd_cap, cpu_simd_level());
+  const int level = std::min(g_simd_cap, cpu_simd_level());
+  return level == 3 ? 2 : level;
 }
 
 inline float bf16_to_f32(uint16_t h) {
@@ -69,18 +72,36 @@ inline const void* offset(const void* p, bool bf16, int64_t elems) {
   return (const char*)p + elems * (bf16 ? 2 : 4);
 }
 
-// The AVX2 bf16 layout: an in-lane unpack of 16 bf16 gives fp32 vectors of elements {0-3, 8-11} and {4-7, 12-15}
-// (no lane-crossing shuffle), so with bf16 inputs the 8-lane primitives keep q and O rows in that order, block of
-// 16 by block of 16: row element p holds column perm16(p), which swaps bits 2 and 3 of p (an involution).
-inline int64_t perm16(int64_t p) { return (p & ~int64_t(12)) | ((p & 4) << 1) | ((p & 8) >> 1); }
+// The bf16 layout of the SIMD code: an in-lane unpack (vpunpcklwd / vpunpckhwd with zero) widens 2W bf16 to two
+// fp32 vectors without a lane-crossing shuffle, but in the order of the 128-bit lanes: 16 bf16 (AVX2) give
+// elements {0-3, 8-11} and {4-7, 12-15}, 32 bf16 (AVX-512) give {0-3, 8-11, 16-19, 24-27} and {4-7, ..., 28-31}.
+// So with bf16 inputs the primitives keep q and O rows in that order, block of 2W by block of 2W: row position p
+// holds column perm_col(W, p), which rotates bits 2..top of p (top = log2(2W) - 1: bit top moves to bit 2, bits
+// 2..top-1 move up by one). W = 0: the natural order.
+inline int64_t perm_col(int W, int64_t p) {
+  if (W == 0) return p;
+  const int top = W == 8 ? 3 : 4;
+  const int64_t rotated = ((int64_t(4) << (top - 1)) - 1) & ~int64_t(3);  // bits 2..top
+  return (p & ~rotated) | ((p >> top) & 1) << 2 | ((p >> 2) & ((1 << (top - 2)) - 1)) << 3;
+}
+// The layout of rows for primitives of W lanes: W (perm_col order) with bf16 inputs and whole blocks of 2W
+// columns, else 0 (natural order).
+inline int perm_layout(int W, bool bf16, int64_t D) { return (W == 8 || W == 16) && bf16 && D % (2 * W) == 0 ? W : 0; }
 
-// Whether primitives of W lanes keep rows in the perm16 order: 8 lanes (AVX2), bf16, whole blocks of 16.
-inline bool perm16_layout(int W, bool bf16, int64_t D) { return W == 8 && bf16 && D % 16 == 0; }
+// A call's row layout as tables (D <= 256), built once per call: col[p] is the column at row position p, pos[d]
+// the row position of column d.
+struct RowOrder {
+  int16_t col[256], pos[256];
+  RowOrder(int W, int64_t D) {
+    for (int64_t p = 0; p < D; p++) col[p] = (int16_t)perm_col(W, p), pos[col[p]] = (int16_t)p;
+  }
+};
 
-// out[o0 : o0 + D] = acc * inv, rounded to out's dtype; perm: acc is in the perm16 order.
-inline void store_row(void* out, bool bf16, int64_t o0, const float* acc, int64_t D, float inv, bool perm = false) {
+// out[o0 : o0 + D] = acc * inv, rounded to out's dtype; acc in the order of `order`.
+inline void store_row(void* out, bool bf16, int64_t o0, const float* acc, int64_t D, float inv,
+                      const RowOrder& order) {
   for (int64_t d = 0; d < D; d++) {
-    const float v = acc[perm ? perm16(d) : d] * inv;
+    const float v = acc[order.pos[d]] * inv;
     if (bf16)
       ((uint16_t*)out)[o0 + d] = f32_to_bf16(v);
     else
@@ -120,8 +141,8 @@ struct Ops {
   void (*qk)(const float*, const float*, int, int, float*);
   void (*softmax)(float*, int, float, const float*, const float* const*, const int*, float*, float*, float*);
   void (*pv)(float*, const float*, const float*, const void*, int64_t, int, int, int, bool);
-  int width;  // lanes of the SIMD set (1: scalar); decides the perm16 layout of dots' q and pv's O rows
-  bool permuted(bool bf16, int64_t D) const { return perm16_layout(width, bf16, D); }
+  int width;  // lanes of the SIMD set (1: scalar); decides the layout of dots' q and pv's O rows
+  int layout(bool bf16, int64_t D) const { return perm_layout(width, bf16, D); }
 };
 
 // ---- scalar ----
@@ -193,6 +214,7 @@ struct Vec {
   typedef float f __attribute__((vector_size(4 * W)));
   typedef int32_t i __attribute__((vector_size(4 * W)));
   typedef uint16_t h __attribute__((vector_size(2 * W)));
+  typedef uint16_t h2 __attribute__((vector_size(4 * W)));  // 2W bf16
   typedef uint32_t u __attribute__((vector_size(4 * W)));
 };
 
@@ -238,25 +260,32 @@ inline typename Vec<W>::f load(const void* p, bool bf16) {
   return f;
 }
 
-// 16 bf16 -> two 8-lane fp32 vectors in the perm16 order: lo = elements 0-3, 8-11, hi = 4-7, 12-15
+// 2W bf16 -> two W-lane fp32 vectors in the perm_col order: lo = elements 0-3, 8-11, ..., hi = 4-7, 12-15, ...
 // (vpunpcklwd / vpunpckhwd with zero: in-lane, one instruction each).
-inline void load2_bf16_perm(const void* p, Vec<8>::f& lo, Vec<8>::f& hi) {
-  typedef uint16_t H16 __attribute__((vector_size(32)));
-  H16 h, z = {};
+template <int W>
+inline void load2_bf16_perm(const void* p, typename Vec<W>::f& lo, typename Vec<W>::f& hi) {
+  typedef typename Vec<W>::h2 H2;
+  H2 h, z = {};
   std::memcpy(&h, p, sizeof h);
   // the exact vpunpcklwd / vpunpckhwd index patterns (z is zero, so any z index would do, but GCC then picks vpermq)
-  const H16 a = __builtin_shufflevector(z, h, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27);
-  const H16 b = __builtin_shufflevector(z, h, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31);
+  H2 a, b;
+  if constexpr (W == 8) {
+    a = __builtin_shufflevector(z, h, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27);
+    b = __builtin_shufflevector(z, h, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31);
+  } else {
+    a = __builtin_shufflevector(z, h, 0, 32, 1, 33, 2, 34, 3, 35, 8, 40, 9, 41, 10, 42, 11, 43, 16, 48, 17, 49, 18,
+                                50, 19, 51, 24, 56, 25, 57, 26, 58, 27, 59);
+    b = __builtin_shufflevector(z, h, 4, 36, 5, 37, 6, 38, 7, 39, 12, 44, 13, 45, 14, 46, 15, 47, 20, 52, 21, 53, 22,
+                                54, 23, 55, 28, 60, 29, 61, 30, 62, 31, 63);
+  }
   std::memcpy(&lo, &a, sizeof lo);
   std::memcpy(&hi, &b, sizeof hi);
 }
 
-// Two consecutive vectors of W elements at p -> fp32, in the perm16 order when perm (8 lanes only).
+// Two consecutive vectors of W elements at p -> fp32, in the perm_col order when perm (bf16 only).
 template <int W>
 inline void load_pair(const void* p, bool bf16, bool perm, typename Vec<W>::f& lo, typename Vec<W>::f& hi) {
-  if constexpr (W == 8) {
-    if (perm) return load2_bf16_perm(p, lo, hi);
-  }
+  if (perm) return load2_bf16_perm<W>(p, lo, hi);
   lo = load<W>(p, bf16);
   hi = load<W>(offset(p, bf16, W), bf16);
 }
@@ -351,7 +380,7 @@ inline void dots_body(const float* q, const void* k, int64_t ks, int n, int D, b
     // 4 keys at a time, two FMA chains per key (a: even vectors, b: odd ones), the loop over d outside the loop
     // over keys so that the 8 chains interleave (one key's chain alone waits on the FMA latency), and one
     // combined horizontal sum. Keys past n are recomputed from the last one, never stored.
-    const bool perm = perm16_layout(W, bf16, D);  // q in the perm16 order (Ops::permuted)
+    const bool perm = perm_layout(W, bf16, D) != 0;  // q in the perm_col order (Ops::layout)
     for (; j0 < n; j0 += 4) {
       const void* kr[4];
       F a[4], b[4];
@@ -473,11 +502,17 @@ template <int W, int R, int NV>
 inline void pv_tile(float* O, const float* P, const float* corr, const void* v, int64_t vs, int n, int D, int d0,
                     bool bf16) {
   typedef typename Vec<W>::f F;
-  F acc[R][NV];
+  // One row of at most 4 AVX-512 vectors (a decode row, head dim 64) has too few chains for the FMA latency:
+  // even and odd keys then go to two sets of accumulators, added at the end.
+  constexpr int SETS = W == 16 && R == 1 && NV <= 4 ? 2 : 1;
+  F acc[SETS][R][NV];
   for (int r = 0; r < R; r++)
-    for (int c = 0; c < NV; c++) acc[r][c] = loadf<W>(O + r * D + d0 + c * W) * corr[r];
-  const bool perm = perm16_layout(W, bf16, D);  // O in the perm16 order (Ops::permuted); NV is even then
-  for (int j = 0; j < n; j++) {
+    for (int c = 0; c < NV; c++) {
+      acc[0][r][c] = loadf<W>(O + r * D + d0 + c * W) * corr[r];
+      if constexpr (SETS == 2) acc[1][r][c] = splat<W>(0.f);
+    }
+  const bool perm = perm_layout(W, bf16, D) != 0;  // O in the perm_col order (Ops::layout); NV is even then
+  auto key = [&](F(&a)[R][NV], int j) {
     const void* vj = offset(v, bf16, j * vs + d0);
     F pb[R];
     for (int r = 0; r < R; r++) pb[r] = splat<W>(P[r * KB + j]);
@@ -486,19 +521,26 @@ inline void pv_tile(float* O, const float* P, const float* corr, const void* v, 
     for (int c = 0; c < NV; c += 2) {
       if (c + 1 == NV) {
         const F lo = load<W>(offset(vj, bf16, c * W), bf16);
-        for (int r = 0; r < R; r++) acc[r][c] += pb[r] * lo;
+        for (int r = 0; r < R; r++) a[r][c] += pb[r] * lo;
         break;
       }
       F lo, hi;
       load_pair<W>(offset(vj, bf16, c * W), bf16, perm, lo, hi);
       for (int r = 0; r < R; r++) {
-        acc[r][c] += pb[r] * lo;
-        acc[r][c + 1] += pb[r] * hi;
+        a[r][c] += pb[r] * lo;
+        a[r][c + 1] += pb[r] * hi;
       }
     }
-  }
+  };
+  int j = 0;
+  for (; j + SETS <= n; j += SETS)
+    for (int set = 0; set < SETS; set++) key(acc[set], j + set);
+  for (; j < n; j++) key(acc[0], j);
   for (int r = 0; r < R; r++)
-    for (int c = 0; c < NV; c++) storef<W>(O + r * D + d0 + c * W, acc[r][c]);
+    for (int c = 0; c < NV; c++) {
+      if constexpr (SETS == 2) acc[0][r][c] += acc[1][r][c];
+      storef<W>(O + r * D + d0 + c * W, acc[0][r][c]);
+    }
 }
 
 // Full vectors in chunks of up to NVMAX, the last D % W columns by the scalar code. Each accumulator is one FMA
@@ -569,10 +611,51 @@ MBATTN_ENTRY_POINTS(avx512, 16, "avx512f,avx512bw,avx512vl,avx512dq")
 // without AVX-512 still exercise every line the AVX-512 build runs.
 MBATTN_ENTRY_POINTS(avx2_w16, 16, "avx2,fma")
 
+// bf16 dot products with vdpbf16ps (AVX512_BF16): one instruction multiplies 32 bf16 pairs and adds them into 16
+// fp32 sums, where the generic code widens every 16 values and then runs an FMA. The products of two bf16 are
+// exact in fp32 and each addition rounds once, as in the FMAs; only the order of the additions differs. q arrives
+// as fp32 in the perm_col(16, .) order (Ops::layout) and goes back to natural-order bf16 pairs, exactly (it was
+// bf16): in each 128-bit lane, 4 columns from lo and the next 4 from hi, so one vpackusdw of their high halves.
+// fp32 inputs and head dims that are not a multiple of 32 take the AVX-512 code.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"), flatten)) void dots_avx512bf16(
+    const float* q, const void* k, int64_t ks, int n, int D, bool bf16, float* s) {
+  if (!bf16 || D % 32 != 0) return dots_avx512(q, k, ks, n, D, bf16, s);
+  __m512bh qb[256 / 32];
+  for (int c = 0; c < D / 32; c++) {
+    const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(q + 32 * c)), 16);
+    const __m512i hi = _mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(q + 32 * c + 16)), 16);
+    qb[c] = (__m512bh)_mm512_packus_epi32(lo, hi);
+  }
+  // 4 keys at a time, two chains per key (a: even 32-column chunks, b: odd ones), as in dots_body.
+  for (int j0 = 0; j0 < n; j0 += 4) {
+    const uint16_t* kr[4];
+    __m512 a[4], b[4];
+    for (int r = 0; r < 4; r++) {
+      kr[r] = (const uint16_t*)k + std::min(j0 + r, n - 1) * ks;
+      a[r] = b[r] = _mm512_setzero_ps();
+    }
+    int c = 0;
+    for (; c + 2 <= D / 32; c += 2)
+      for (int r = 0; r < 4; r++) {
+        a[r] = _mm512_dpbf16_ps(a[r], qb[c], (__m512bh)_mm512_loadu_si512(kr[r] + 32 * c));
+        b[r] = _mm512_dpbf16_ps(b[r], qb[c + 1], (__m512bh)_mm512_loadu_si512(kr[r] + 32 * c + 32));
+      }
+    if (c < D / 32)
+      for (int r = 0; r < 4; r++) a[r] = _mm512_dpbf16_ps(a[r], qb[c], (__m512bh)_mm512_loadu_si512(kr[r] + 32 * c));
+    Vec<16>::f acc[4];
+    for (int r = 0; r < 4; r++) acc[r] = (Vec<16>::f)_mm512_add_ps(a[r], b[r]);
+    alignas(32) float r4[4];
+    hsum4<16>(acc, r4);
+    for (int r = 0; r < 4 && j0 + r < n; r++) s[j0 + r] = r4[r];
+  }
+}
+const Ops k_avx512bf16 = {dots_avx512bf16, qk_avx512, softmax_avx512, pv_avx512, 16};
+
 const Ops kScalar = {dots_scalar, qk_scalar, softmax_scalar, pv_scalar, 1};
 
 const Ops& ops() {
   switch (simd_level()) {
+    case 4: return k_avx512bf16;
     case 3: return k_avx2_w16;
     case 2: return k_avx512;
     case 1: return k_avx2;
@@ -618,7 +701,7 @@ extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void*
   }
   const int64_t BH = B * H, nthr = omp_get_max_threads();
   if (BH == 0) return;
-  const bool perm = op.permuted(bf16, D);  // q and O rows in the perm16 order
+  const RowOrder order(op.layout(bf16, D), D);  // q and O rows in the perm_col order of the SIMD code
   // Split-K: aim at >= 4 items per thread, but keep chunks >= 256 keys (whole blocks) so each stays a stream.
   int64_t nc = std::max<int64_t>(1, std::min((4 * nthr + BH - 1) / BH, L / 256));
   const int64_t chunk = std::max<int64_t>(KB, ((L + nc - 1) / nc + KB - 1) / KB * KB);  // L = 0: one empty chunk
@@ -641,50 +724,47 @@ extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void*
     scratch.resize(G * per_item);
     for (int64_t g0 = i0; g0 < i1; g0 += G) {
       const int64_t g1 = std::min(i1, g0 + G);
-      // Pass 1 streams K alone: every score of the chunk, its bias (-inf: masked key or past the chunk's end) and
-      // their max. Reading K and V in turn, block by block, was 8-18% slower cold (Zen 4, 2 threads).
+      // Pass 1 streams K alone: every score of the chunk and its bias (-inf: masked key or past the chunk's end).
+      // Reading K and V in turn, block by block, was 8-18% slower cold (Zen 4, 2 threads).
       for (int64_t it = g0; it < g1; it++) {
         const int64_t bh = it / nc, c = it % nc, b = bh / H, h = bh % H;
         const int64_t j0 = c * chunk, j1 = std::min(L, j0 + chunk);
         alignas(64) float qf[256];
         const void* qp = offset(q, bf16, b * q_st[0] + h * q_st[1]);
-        for (int64_t d = 0; d < D; d++) qf[d] = load_elem(qp, bf16, perm ? perm16(d) : d);
+        for (int64_t d = 0; d < D; d++) qf[d] = load_elem(qp, bf16, order.col[d]);
         const void* kp = offset(k, bf16, b * k_st[0] + h * k_st[1]);
         const int32_t* pos = key_pos + b * L;
         float* sc = scratch.data() + (it - g0) * per_item;  // (chunk,) scores
         float* keybias = sc + per_item / 2;                 // (chunk,) key biases
-        float m = NEG_INF;
         for (int64_t jb = j0; jb < j1; jb += KB) {
           const int n = (int)std::min<int64_t>(KB, j1 - jb);
-          float* sb = sc + (jb - j0);
+          op.dots(qf, offset(kp, bf16, jb * k_st[2]), k_st[2], n, (int)D, bf16, sc + (jb - j0));
+          // The key biases of the block, one branch-free loop per kind (the compiler vectorises them). (n,)
           float* bb = keybias + (jb - j0);
-          op.dots(qf, offset(kp, bf16, jb * k_st[2]), k_st[2], n, (int)D, bf16, sb);
-          for (int jj = 0; jj < KB; jj++) {
-            const int64_t j = jb + jj;
-            if (jj >= n || pos[j] < 0)
-              bb[jj] = NEG_INF;
-            else if (alibi)
-              bb[jj] = alibi[h] * (float)pos[j];
-            else if (t5_table)
-              bb[jj] = t5_table[bucket[b * L + j] * H + h];
-            else if (bias)
-              bb[jj] = bias[h * L + j];
-            else
-              bb[jj] = 0.f;
-            if (jj < n) m = std::max(m, sb[jj] * scale + bb[jj]);
+          const int32_t* pj = pos + jb;
+          if (alibi) {
+            const float slope = alibi[h];
+            for (int jj = 0; jj < n; jj++) bb[jj] = pj[jj] < 0 ? NEG_INF : slope * (float)pj[jj];
+          } else if (t5_table) {
+            const int32_t* bucket_j = bucket.data() + b * L + jb;
+            for (int jj = 0; jj < n; jj++) bb[jj] = pj[jj] < 0 ? NEG_INF : t5_table[bucket_j[jj] * H + h];
+          } else if (bias) {
+            const float* bias_j = bias + h * L + jb;
+            for (int jj = 0; jj < n; jj++) bb[jj] = pj[jj] < 0 ? NEG_INF : bias_j[jj];
+          } else {
+            for (int jj = 0; jj < n; jj++) bb[jj] = pj[jj] < 0 ? NEG_INF : 0.f;
           }
+          std::fill(bb + n, bb + KB, NEG_INF);
         }
-        part[it] = {m, 0.f};
       }
-      // Pass 2 streams V alone: the online softmax of each block starts from the chunk's max, so its rescaling
-      // factor is 1 up to the rounding of that max (the update rule is unchanged, so it stays exact either way).
+      // Pass 2 streams V alone: the online softmax over the chunk's blocks, from m = -inf.
       for (int64_t it = g0; it < g1; it++) {
         const int64_t bh = it / nc, c = it % nc, b = bh / H, h = bh % H;
         const int64_t j0 = c * chunk, j1 = std::min(L, j0 + chunk);
         const void* vp = offset(v, bf16, b * v_st[0] + h * v_st[1]);
         float* sc = scratch.data() + (it - g0) * per_item;
         float* keybias = sc + per_item / 2;
-        float m = part[it].m, l = 0.f, corr;
+        float m = NEG_INF, l = 0.f, corr;
         float* o = part_o.data() + it * D;
         std::fill(o, o + D, 0.f);
         for (int64_t jb = j0; jb < j1; jb += KB) {
@@ -694,7 +774,7 @@ extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void*
           op.pv(o, sc + (jb - j0), &corr, offset(vp, bf16, jb * v_st[2]), v_st[2], 1, n, (int)D, bf16);
         }
         part[it] = {m, l};
-        if (nc == 1) store_row(out, bf16, bh * D, o, D, l > 0.f ? 1.f / l : 0.f, perm);  // all keys masked -> 0
+        if (nc == 1) store_row(out, bf16, bh * D, o, D, l > 0.f ? 1.f / l : 0.f, order);  // all keys masked -> 0
       }
     }
   }
@@ -717,7 +797,7 @@ extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void*
         for (int64_t d = 0; d < D; d++) acc[d] += w * oc[d];
       }
     }
-    store_row(out, bf16, bh * D, acc.data(), D, lsum > 0.f ? 1.f / lsum : 0.f, perm);
+    store_row(out, bf16, bh * D, acc.data(), D, lsum > 0.f ? 1.f / lsum : 0.f, order);
   }
 }
 
@@ -731,6 +811,7 @@ extern "C" void mbattn_prefill(const void* q, const void* k, const void* v, void
   const bool bf16 = bf16_in != 0;
   const Ops& op = ops();
   const int64_t nkb = (S + KB - 1) / KB, nqb = (T + BQ - 1) / BQ, BH = B * H;
+  const RowOrder order(op.layout(bf16, D), D);  // of O (not Q: qk reads packed fp32 K)
 
   // K^T packed per (b, h, key block) as fp32 (D, KB), zero past S: the qk tile reads KB keys per vector.
   std::vector<float> kt_buf(BH * nkb * D * KB + 16);
@@ -800,8 +881,7 @@ extern "C" void mbattn_prefill(const void* q, const void* k, const void* v, void
     }
     for (int r = 0; r < nr; r++) {
       // fully masked query row -> 0
-      store_row(out, bf16, (bh * T + t0 + r) * D, O.data() + r * D, D, l[r] > 0.f ? 1.f / l[r] : 0.f,
-                op.permuted(bf16, D));  // O (not Q: qk reads packed fp32 K) is in the perm16 order
+      store_row(out, bf16, (bh * T + t0 + r) * D, O.data() + r * D, D, l[r] > 0.f ? 1.f / l[r] : 0.f, order);
     }
   }
 }

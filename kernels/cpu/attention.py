@@ -13,7 +13,7 @@ from ._jit import load_extension
 _NAME = "minibloom_attn"
 _SOURCES = ["attention.cpp", "attention_op.cpp"]
 _CFLAGS = ["-ffp-contract=fast"]  # the SIMD templates rely on a*b+c becoming one FMA
-_SIMD_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx2-w16"}
+_SIMD_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx2-w16", 4: "avx512-bf16"}
 
 _state = {"fakes": False, "force_scalar": os.environ.get("MINIBLOOM_FORCE_SCALAR", "") not in ("", "0")}
 
@@ -36,7 +36,7 @@ def set_force_scalar(flag: bool) -> None:
 
 
 def simd_path() -> str:
-    """'avx512', 'avx2', 'scalar', or 'unavailable: <reason>'."""
+    """'avx512-bf16', 'avx512', 'avx2', 'scalar', or 'unavailable: <reason>'."""
     ok, reason = available()
     if not ok:
         return f"unavailable: {reason}"
@@ -44,14 +44,14 @@ def simd_path() -> str:
 
 
 def _set_simd_cap(level: int) -> str:
-    """Testing hook: cap the SIMD level (0 scalar, 1 AVX2, 2 AVX-512, 3 the AVX-512 code built for AVX2);
-    returns the path now in use."""
+    """Testing hook: cap the SIMD level (0 scalar, 1 AVX2, 2 AVX-512, 4 AVX-512 with AVX512_BF16 dot products,
+    3 the AVX-512 code built for AVX2); returns the path now in use."""
     _require()
     return _SIMD_NAMES[torch.ops.minibloom_attn.simd_level(level)]
 
 
 def _apply_simd_cap():
-    torch.ops.minibloom_attn.simd_level(0 if _state["force_scalar"] else 2)
+    torch.ops.minibloom_attn.simd_level(0 if _state["force_scalar"] else 4)
 
 
 def _require():

@@ -1,7 +1,8 @@
 """CPU fused attention kernels vs their plain-PyTorch references (kernels/attention_ref.py).
 
 Every kernel case runs on each code path this CPU can run: the scalar C code, the SIMD build for the CPU (AVX2 or
-AVX-512) and every lower one: the AVX2 code and the AVX-512 template logic compiled for AVX2 ("avx2-w16").
+AVX-512, with or without the AVX512_BF16 dot products) and every lower one: the AVX-512 code without AVX512_BF16,
+the AVX2 code and the AVX-512 template logic compiled for AVX2 ("avx2-w16").
 fp32: within 1e-5 of the fp32 reference. bf16: error vs the fp32 reference at most 2x the error of PyTorch's
 own bf16 path (the reference run on bf16 tensors with upcast=False) vs the same fp32 reference.
 """
@@ -19,15 +20,16 @@ from minibloom.ops import positions_from_mask  # BLOOM key positions: (cumsum - 
 OK, WHY = A.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"CPU attention extension not built: {WHY}")
 
-LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx2-w16": 3}
+LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx2-w16": 3, "avx512-bf16": 4}
 
 
 def _cpu_paths():
     if not OK:
         return ["scalar"]
-    best = A._set_simd_cap(2)
+    best = A._set_simd_cap(4)
     A._apply_simd_cap()
-    lower = {"avx512": ["avx2", "avx2-w16"], "avx2": ["avx2-w16"]}.get(best, [])  # every path this CPU can run
+    lower = {"avx512-bf16": ["avx512", "avx2", "avx2-w16"], "avx512": ["avx2", "avx2-w16"],
+             "avx2": ["avx2-w16"]}.get(best, [])  # every path this CPU can run
     return ["scalar"] + ([best] if best != "scalar" else []) + lower
 
 
@@ -140,10 +142,13 @@ def test_decode_empty_batch_or_cache(path, B, L):
 
 
 @pytest.mark.parametrize("kind", ["alibi", "t5_causal"])
-def test_decode_bf16_within_2x_of_torch(path, kind):
-    g = torch.Generator().manual_seed(1)
-    B, H, L, D = 3, 12, 257, 64
-    q, k, v = (torch.randn(B, H, *s, generator=g) for s in ((D,), (L, D), (L, D)))
+@pytest.mark.parametrize("D", [64, 80, 96, 128])  # the bf16 layouts and vdpbf16ps need whole blocks of 16 / 32
+def test_decode_bf16_within_2x_of_torch(path, kind, D):
+    g = torch.Generator().manual_seed(D)
+    B, H, L = 3, 12, 257
+    q = torch.randn(B, H, D, generator=g)
+    # a preallocated cache (B, S_max, H, D) viewed as (B, H, S_max, D), longer than the filled part
+    k, v = (torch.randn(B, L + 3, H, D, generator=g).transpose(1, 2) for _ in range(2))
     key_pos = positions_from_mask(ragged_mask(B, L, g))
     kw = bias_kwargs(kind, H, B, L, g)
     if "t5_table" in kw:
