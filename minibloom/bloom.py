@@ -178,7 +178,7 @@ class Bloom(nn.Module):
         L = state.length
         state.mask[:, L] = 1
         state.length = L + 1
-        hidden = self.compiled_hidden or self.hidden
+        hidden = self.compiled_hidden if self.compiled_hidden and self.taps is None else self.hidden
         x = hidden(tokens[:, None], ops.positions_from_mask(state.mask[:, :L + 1]), state.caches, L)
         return self.logits(x[:, -1])
 

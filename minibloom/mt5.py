@@ -362,7 +362,7 @@ class T5(nn.Module):
         state.length = L + 1
         # The start token (L = 0) runs eagerly: torch.compile specializes a size-1 cache, so compiling it would
         # cost a second compile.
-        decode = self.compiled_decode if L > 0 and self.compiled_decode else self.decode
+        decode = self.compiled_decode if L > 0 and self.compiled_decode and self.taps is None else self.decode
         return decode(tokens[:, None], state.cross, state.enc_pos, state.caches, L)[:, -1]
 
     def compile_step(self):

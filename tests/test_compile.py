@@ -51,3 +51,30 @@ def test_compile_failure_names_the_remedy():
     step = ops.compile_decode(breaks)
     with pytest.raises(MinibloomError, match="torch.compile failed on the decode step.*without compile=True"):
         step(torch.ones(3))
+
+
+def test_compiled_step_keeps_input_guards_and_taps(folders):
+    """A compiled model serves another batch size with the eager numbers; while taps are set, `step` runs eagerly
+    (a compiled step would need a second graph for them) and records them."""
+    torch._dynamo.reset()
+    kw = dict(dtype="float32", backend="fused")
+    lm = minibloom.load(folders["bloom"], compile=True, **kw)
+    eager = minibloom.load(folders["bloom"], **kw)
+    _steps(lm, 3)                                                        # B = 2 first
+    results = {}
+    for name, model in (("compiled", lm), ("eager", eager)):
+        ids, mask = model.encode_batch(["Hi"])                           # then B = 1
+        with torch.inference_mode():
+            logits, state = model.model.start(ids, mask, 4)
+            model.model.taps = {}
+            try:
+                first = model.model.step(state, logits.argmax(-1))
+                taps = sorted(model.model.taps)
+            finally:
+                model.model.taps = None
+            second = model.model.step(state, first.argmax(-1))
+        results[name] = (first, second, taps)
+    (c1, c2, ctaps), (e1, e2, etaps) = results["compiled"], results["eager"]
+    assert ctaps == etaps and "h.0" in ctaps
+    torch.testing.assert_close(c1, e1, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(c2, e2, rtol=1e-6, atol=1e-5)
