@@ -1,12 +1,14 @@
 // torch.ops.minibloom_attn.{decode, prefill, simd_level}: stable-ABI wrappers around attention.cpp.
 // Only the stable headers are included (cold build ~2 s instead of ~26 s with torch/extension.h).
-// Argument checking with user-facing messages lives in attention.py; the checks here only guard memory safety.
+// The checks here guard every pointer the kernels read (attention.py calls decode directly and, when a check
+// fails, reruns its own checks, which name the mistake or convert what can be converted).
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 
 using torch::headeronly::ScalarType;
@@ -33,7 +35,7 @@ bool check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, int64_t qdim) 
   STD_TORCH_CHECK(q.dim() == qdim && k.dim() == 4 && v.dim() == 4, "attention: wrong number of dimensions");
   STD_TORCH_CHECK(q.stride(qdim - 1) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
                   "attention: the last dim of q, k, v must be contiguous");
-  STD_TORCH_CHECK(q.size(qdim - 1) <= 256, "attention: head dim must be <= 256");
+  STD_TORCH_CHECK(q.size(qdim - 1) >= 1 && q.size(qdim - 1) <= 256, "attention: head dim must be 1..256");
   return dt == ScalarType::BFloat16;
 }
 
@@ -42,15 +44,41 @@ const T* ptr_or_null(const std::optional<Tensor>& t) {
   return t.has_value() ? static_cast<const T*>(t->data_ptr()) : nullptr;
 }
 
+// An optional vector/table argument: absent, or a contiguous CPU tensor of this dtype and shape.
+void check_optional(const std::optional<Tensor>& t, ScalarType dt, std::initializer_list<int64_t> shape,
+                    const char* what) {
+  if (!t.has_value()) return;
+  STD_TORCH_CHECK(t->is_cpu() && t->scalar_type() == dt && t->is_contiguous() && t->dim() == (int64_t)shape.size(),
+                  "decode: ", what, " has the wrong dtype, device, layout or rank");
+  int64_t i = 0;
+  for (int64_t n : shape) {
+    STD_TORCH_CHECK(n < 0 || t->size(i) == n, "decode: ", what, " has the wrong shape");
+    i++;
+  }
+}
+
 int64_t simd_level(int64_t cap) { return mbattn_simd_level((int)cap); }
 
 Tensor decode(Tensor q, Tensor k, Tensor v, Tensor key_pos, double scale, std::optional<Tensor> alibi_slopes,
               std::optional<Tensor> t5_table, std::optional<Tensor> t5_query_pos, bool t5_bidirectional,
               int64_t t5_max_distance, std::optional<Tensor> bias) {
   const bool bf16 = check_qkv(q, k, v, 3);
-  STD_TORCH_CHECK(key_pos.scalar_type() == ScalarType::Int && key_pos.is_contiguous(), "decode: key_pos int32");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), L = key_pos.size(1);
-  STD_TORCH_CHECK(k.size(2) >= L && v.size(2) >= L, "decode: the cache is shorter than key_pos");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  STD_TORCH_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu() && key_pos.is_cpu(), "decode: CPU tensors only");
+  STD_TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.size(0) == B && v.size(1) == H &&
+                      v.size(3) == D, "decode: k, v do not match q in B, H or D");
+  STD_TORCH_CHECK(key_pos.scalar_type() == ScalarType::Int && key_pos.is_contiguous() && key_pos.dim() == 2 &&
+                      key_pos.size(0) == B, "decode: key_pos must be (B, L) int32");
+  const int64_t L = key_pos.size(1);
+  STD_TORCH_CHECK(k.size(2) == v.size(2) && k.size(2) >= L, "decode: k, v lengths differ or are shorter than L");
+  STD_TORCH_CHECK(alibi_slopes.has_value() + t5_table.has_value() + bias.has_value() <= 1,
+                  "decode: at most one of alibi_slopes, t5_table, bias");
+  STD_TORCH_CHECK(t5_table.has_value() == t5_query_pos.has_value(), "decode: t5_table needs t5_query_pos");
+  check_optional(alibi_slopes, ScalarType::Float, {H}, "alibi_slopes");
+  check_optional(t5_table, ScalarType::Float, {-1, H}, "t5_table");
+  STD_TORCH_CHECK(!t5_table.has_value() || t5_table->size(0) >= 2, "decode: t5_table needs >= 2 buckets");
+  check_optional(t5_query_pos, ScalarType::Int, {B}, "t5_query_pos");
+  check_optional(bias, ScalarType::Float, {H, L}, "bias");
   const int64_t q_st[2] = {q.stride(0), q.stride(1)};
   const int64_t k_st[3] = {k.stride(0), k.stride(1), k.stride(2)};
   const int64_t v_st[3] = {v.stride(0), v.stride(1), v.stride(2)};

@@ -294,6 +294,7 @@ def test_fake_impl_traces_under_fake_tensor_mode():
     (dict(t5_table=torch.ones(32, 3), t5_query_pos=torch.zeros(3, dtype=torch.int32)), "t5_query_pos must have"),
 ])
 def test_decode_validation(bad, match):
+    """Each mistake ends in the Python checks' message (the op's C++ checks refuse it first)."""
     args = dict(q=torch.randn(2, 3, 64), k=torch.randn(2, 3, 10, 64), v=torch.randn(2, 3, 10, 64),
                 key_pos=torch.zeros(2, 5, dtype=torch.int32))
     args.update(bad)
@@ -302,16 +303,37 @@ def test_decode_validation(bad, match):
         A.attention_decode(q, k, v, key_pos, scale=0.125, **args)
 
 
+@pytest.mark.parametrize("bad", [
+    dict(alibi_slopes=torch.ones(2)), dict(alibi_slopes=torch.ones(3, dtype=torch.float64)),
+    dict(bias=torch.ones(3, 4)), dict(t5_table=torch.ones(32, 3)),
+    dict(t5_table=torch.ones(32, 3), t5_query_pos=torch.zeros(1, dtype=torch.int32)),
+    dict(t5_table=torch.ones(32, 2), t5_query_pos=torch.zeros(2, dtype=torch.int32)),
+    dict(k=torch.randn(1, 3, 10, 64)), dict(v=torch.randn(2, 3, 10, 32)), dict(v=torch.randn(2, 3, 11, 64)),
+    dict(key_pos=torch.zeros(3, 5, dtype=torch.int32)), dict(key_pos=torch.zeros(2, 11, dtype=torch.int32)),
+    dict(key_pos=torch.zeros(5, 2, dtype=torch.int32).t()),
+])
+def test_decode_op_refuses_what_it_cannot_read(bad):
+    """The op is called without the Python checks: its own checks must refuse any argument it would read wrongly."""
+    args = dict(q=torch.randn(2, 3, 64), k=torch.randn(2, 3, 10, 64), v=torch.randn(2, 3, 10, 64),
+                key_pos=torch.zeros(2, 5, dtype=torch.int32), alibi_slopes=None, t5_table=None, t5_query_pos=None,
+                bias=None)
+    args.update(bad)
+    with pytest.raises(RuntimeError):
+        torch.ops.minibloom_attn.decode(args["q"], args["k"], args["v"], args["key_pos"], 0.125,
+                                        args["alibi_slopes"], args["t5_table"], args["t5_query_pos"], False, 128,
+                                        args["bias"])
+
+
 def test_decode_fast_and_checked_paths_agree():
-    """int32 key_pos and fp32 vectors take the cheap-check path; int64 / bf16 inputs take the full checks,
-    which convert them: the same numbers either way."""
+    """int32 key_pos and fp32 vectors go straight to the op; the op's C++ checks refuse int64 / fp64 inputs, and
+    the Python checks then convert them: the same numbers either way."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(*s, generator=g) for s in ((2, 3, 64), (2, 3, 20, 64), (2, 3, 20, 64)))
     pos = torch.arange(16, dtype=torch.int32).expand(2, -1).contiguous()
     slopes, table = torch.rand(3), torch.randn(32, 3)
     qpos = torch.tensor([15, 15], dtype=torch.int32)
-    assert A._decode_args_ok(q, k, v, pos, slopes, None, None, None)
-    assert not A._decode_args_ok(q, k, v, pos.long(), slopes, None, None, None)
+    with pytest.raises(RuntimeError, match="key_pos"):
+        torch.ops.minibloom_attn.decode(q, k, v, pos.long(), 0.125, slopes, None, None, False, 128, None)
     fast = A.attention_decode(q, k, v, pos, scale=0.125, alibi_slopes=slopes)
     full = A.attention_decode(q, k, v, pos.long(), scale=0.125, alibi_slopes=slopes.double())
     assert torch.equal(fast, full)
