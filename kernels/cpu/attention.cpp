@@ -11,8 +11,8 @@
 // Plain C++ on raw pointers (no torch headers); attention_op.cpp wraps these as torch ops. The flash loops are
 // written once on four block primitives (dots, qk tile, softmax update, p.V update). The primitives exist as
 // plain scalar loops and as one SIMD template instantiated for AVX2+FMA and AVX-512 with per-function target
-// attributes; the best set the CPU supports is picked at run time, so the .so is built without -march and
-// runs on any x86-64.
+// attributes (plus bf16 decode dot products by vdpbf16ps where the CPU has AVX512_BF16); the best set the CPU
+// supports is picked at run time, so the .so is built without -march and runs on any x86-64.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -86,7 +86,9 @@ inline int64_t perm_col(int W, int64_t p) {
 }
 // The layout of rows for primitives of W lanes: W (perm_col order) with bf16 inputs and whole blocks of 2W
 // columns, else 0 (natural order).
-inline int perm_layout(int W, bool bf16, int64_t D) { return (W == 8 || W == 16) && bf16 && D % (2 * W) == 0 ? W : 0; }
+inline int perm_layout(int W, bool bf16, int64_t D) {
+  return (W == 8 || W == 16) && bf16 && D % (2 * W) == 0 ? W : 0;
+}
 
 // A call's row layout as tables (D <= 256), built once per call: col[p] is the column at row position p, pos[d]
 // the row position of column d.
@@ -372,8 +374,8 @@ inline void hsum4(const typename Vec<W>::f* a, float* r) {
 }
 
 // 4 keys at a time, two FMA chains per key (a: even vectors, b: odd ones) and one combined horizontal sum. Each
-// key's row is read in order, key after key: the K stream reaches memory in address order (the same loops with
-// the keys inside the loop over d ran 10-20% slower cold, with cheaper instructions). DC: the head dim as a
+// key's row is read in order, key after key: the K stream reaches memory in address order (the same arithmetic
+// with the loop over d outside the keys read K 10-20% slower cold). DC: the head dim as a
 // constant (0: run-time D), so the loop over d unrolls and the four keys' chains still overlap. Keys past n are
 // recomputed from the last one, never stored.
 template <int W, int DC>
@@ -406,7 +408,6 @@ template <int W>
 inline void dots_body(const float* q, const void* k, int64_t ks, int n, int D, bool bf16, float* s) {
   typedef typename Vec<W>::f F;
   const int Dv = D / W * W;
-  int j0 = 0;
   if (Dv == D) {
     const bool perm = perm_layout(W, bf16, D) != 0;  // q in the perm_col order (Ops::layout); then 2W divides D
     if (D == 64)
@@ -417,7 +418,7 @@ inline void dots_body(const float* q, const void* k, int64_t ks, int n, int D, b
       dots4<W, 0>(q, k, ks, n, D, bf16, perm, s);
     return;
   }
-  for (int j = j0; j < n; j++) {  // head dims that are not a multiple of W: one key at a time
+  for (int j = 0; j < n; j++) {  // head dims that are not a multiple of W: one key at a time
     const void* kj = offset(k, bf16, j * ks);
     F a0 = splat<W>(0.f), a1 = splat<W>(0.f);
     int d = 0;
