@@ -13,7 +13,7 @@ from ._jit import load_extension
 _NAME = "minibloom_attn"
 _SOURCES = ["attention.cpp", "attention_op.cpp"]
 _CFLAGS = ["-ffp-contract=fast"]  # the SIMD templates rely on a*b+c becoming one FMA
-_SIMD_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx2-w16", 4: "avx512-bf16"}
+_SIMD_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx2-w16", 4: "avx512+bf16"}
 
 _state = {"fakes": False, "force_scalar": os.environ.get("MINIBLOOM_FORCE_SCALAR", "") not in ("", "0")}
 
@@ -36,7 +36,7 @@ def set_force_scalar(flag: bool) -> None:
 
 
 def simd_path() -> str:
-    """'avx512-bf16', 'avx512', 'avx2', 'scalar', or 'unavailable: <reason>'."""
+    """'avx512+bf16', 'avx512', 'avx2', 'scalar', or 'unavailable: <reason>'."""
     ok, reason = available()
     if not ok:
         return f"unavailable: {reason}"

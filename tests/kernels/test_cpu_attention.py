@@ -20,7 +20,7 @@ from minibloom.ops import positions_from_mask  # BLOOM key positions: (cumsum - 
 OK, WHY = A.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"CPU attention extension not built: {WHY}")
 
-LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx2-w16": 3, "avx512-bf16": 4}
+LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx2-w16": 3, "avx512+bf16": 4}
 
 
 def _cpu_paths():
@@ -28,7 +28,7 @@ def _cpu_paths():
         return ["scalar"]
     best = A._set_simd_cap(4)
     A._apply_simd_cap()
-    lower = {"avx512-bf16": ["avx512", "avx2", "avx2-w16"], "avx512": ["avx2", "avx2-w16"],
+    lower = {"avx512+bf16": ["avx512", "avx2", "avx2-w16"], "avx512": ["avx2", "avx2-w16"],
              "avx2": ["avx2-w16"]}.get(best, [])  # every path this CPU can run
     return ["scalar"] + ([best] if best != "scalar" else []) + lower
 
