@@ -44,7 +44,9 @@ def _w(N, K, seed=1):
     return torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) * 0.05
 
 
-SHAPES = [(1, 1, 1), (1, 37, 100), (3, 17, 63), (8, 33, 1030), (33, 5, 130), (2, 64, 4096)]
+# (1, 19, 2560), (2, 64, 4096): M <= 8 and K a multiple of 512 from 2048 on, where the VNNI row kernel reads x
+# in the scrambled chunk order (matmul.cpp: scramble_x)
+SHAPES = [(1, 1, 1), (1, 37, 100), (3, 17, 63), (8, 33, 1030), (33, 5, 130), (1, 19, 2560), (2, 64, 4096)]
 
 
 @needs_ext
@@ -84,7 +86,7 @@ def test_w8a8_matches_ref(path, M, N, K, threshold, outliers, dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("M,K", [(1, 4097), (5, 300)])
+@pytest.mark.parametrize("M,K", [(1, 4097), (1, 4096), (5, 300)])
 def test_w8a8_int32_accumulators_exact(path, M, K):
     # Rows with absmax 127 and integer values quantize to themselves (s_x = 1); with w_scale = 1, y is the
     # int32 accumulator itself (< 2^24, so exact in fp32).
