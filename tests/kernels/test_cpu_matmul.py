@@ -44,9 +44,10 @@ def _w(N, K, seed=1):
     return torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) * 0.05
 
 
-# (1, 19, 2560), (2, 64, 4096): M <= 8 and K a multiple of 512 from 2048 on, where the VNNI row kernel reads x
-# in the scrambled chunk order (matmul.cpp: scramble_x)
-SHAPES = [(1, 1, 1), (1, 37, 100), (3, 17, 63), (8, 33, 1030), (33, 5, 130), (1, 19, 2560), (2, 64, 4096)]
+# (1, 21, 1024), (1, 19, 2560), (2, 64, 4096): decode rows where the AVX-512 row kernels read x in the scrambled
+# chunk order (matmul.cpp: scramble_rows; fp32 at K = 1024, W8A8 and weight-only int8 at 2560 and 4096)
+SHAPES = [(1, 1, 1), (1, 37, 100), (3, 17, 63), (8, 33, 1030), (33, 5, 130), (1, 21, 1024), (1, 19, 2560),
+          (2, 64, 4096)]
 
 
 @needs_ext
