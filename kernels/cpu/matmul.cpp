@@ -599,9 +599,9 @@ struct W8A8Scalar {
 // The row kernels read x beside each weight row, in the same order. Read front to back, an x of 4 KiB (K = 4096)
 // is a sequential stream the hardware prefetchers train on although it sits in L1, and the weight stream slowed
 // by 30-45% (Zen 4, cold, one thread: a read loop over 4 KiB rows took 145-165 us alone, 185-210 us with x read in
-// order, 140-155 us with x's chunks in a scrambled order; an x of 1 KiB cost nothing). So, for K >= 2048 and a
-// multiple of 512, each row of x is stored with its 64-byte chunk c at chunk c ^ 5 (within each group of 8), and
-// the kernel reads it from there.
+// order, 140-155 us with x's chunks in a scrambled order; an x of 1 KiB cost nothing). So where that pays
+// (scramble_rows), each row of x is stored with its 64-byte chunk c at chunk c ^ 5 (within each group of 8), and
+// the row kernel reads the chunk for weight chunk c from there: the same products, in the same order.
 template <class T>
 static void scramble_x(const T* x, int64_t M, int64_t K, int64_t xmask, T* xs) {
   constexpr int64_t E = 64 / sizeof(T);  // elements per 64-byte chunk
