@@ -32,6 +32,7 @@ bool check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, int64_t qdim) 
   const ScalarType dt = q.scalar_type();
   STD_TORCH_CHECK(dt == ScalarType::Float || dt == ScalarType::BFloat16, "attention: q must be float32 or bfloat16");
   STD_TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "attention: q, k, v must share one dtype");
+  STD_TORCH_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu(), "attention: q, k, v must be CPU tensors");
   STD_TORCH_CHECK(q.dim() == qdim && k.dim() == 4 && v.dim() == 4, "attention: wrong number of dimensions");
   STD_TORCH_CHECK(q.stride(qdim - 1) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
                   "attention: the last dim of q, k, v must be contiguous");
@@ -64,7 +65,7 @@ Tensor decode(Tensor q, Tensor k, Tensor v, Tensor key_pos, double scale, std::o
               int64_t t5_max_distance, std::optional<Tensor> bias) {
   const bool bf16 = check_qkv(q, k, v, 3);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  STD_TORCH_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu() && key_pos.is_cpu(), "decode: CPU tensors only");
+  STD_TORCH_CHECK(key_pos.is_cpu(), "decode: key_pos must be a CPU tensor");
   STD_TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.size(0) == B && v.size(1) == H &&
                       v.size(3) == D, "decode: k, v do not match q in B, H or D");
   STD_TORCH_CHECK(key_pos.scalar_type() == ScalarType::Int && key_pos.is_contiguous() && key_pos.dim() == 2 &&

@@ -617,6 +617,23 @@ static bool scramble_rows(int64_t M, int64_t K, int64_t x_size, int64_t w_size) 
   return M <= 8 && K * x_size >= 2048 && K * x_size % 512 == 0 && K * w_size <= 4096;
 }
 
+// One call of an AVX-512 kernel with scrambled row reads (W8A8Vnni, FmaAvx512): decode rows, with x scrambled
+// where that pays, else the row or the tile driver.
+template <class Kern, class Ctx>
+static void run_scrambled_rows_or_tiles(const Ctx& c) {
+  using X = std::remove_cv_t<std::remove_pointer_t<decltype(c.x)>>;
+  if (scramble_rows(c.M, c.K, sizeof(X), sizeof(*c.w))) {
+    std::vector<X> xs(c.M * c.K);
+    Ctx cr = c;
+    cr.xmask = 5;
+    scramble_x(c.x, c.M, c.K, cr.xmask, xs.data());
+    cr.x = xs.data();
+    run_rows<Kern>(cr);
+  } else if (!run_rows<Kern>(c)) {
+    run_tiles<Kern>(c);
+  }
+}
+
 void linear_w8a8(const void* x, bool x_bf16, const int8_t* w, const float* w_scale, const void* bias,
                  bool bias_bf16, float threshold, int64_t M, int64_t N, int64_t K, void* y) {
   std::vector<int8_t> q(M * K);
@@ -628,16 +645,7 @@ void linear_w8a8(const void* x, bool x_bf16, const int8_t* w, const float* w_sca
          (int64_t)outl.size(), bias, bias_bf16, y, x_bf16};
   std::vector<int16_t> x16;
   if (use_vnni()) {
-    if (scramble_rows(M, K, 1, 1)) {
-      std::vector<int8_t> xs(M * K);
-      W8A8 cr = c;
-      cr.xmask = 5;
-      scramble_x(q.data(), M, K, cr.xmask, xs.data());
-      cr.x = xs.data();
-      run_rows<W8A8Vnni>(cr);
-    } else if (!run_rows<W8A8Vnni>(c)) {
-      run_tiles<W8A8Vnni>(c);
-    }
+    run_scrambled_rows_or_tiles<W8A8Vnni>(c);
   } else if (use_avx2()) {
     if (M <= 8) {
       x16.assign(q.begin(), q.end());
@@ -840,22 +848,6 @@ struct FmaAvx512 {
   }
 };
 
-// One call of the AVX-512 FMA kernels (fp32 x): decode rows, with x scrambled where that pays (scramble_rows),
-// else the row or the tile driver.
-template <class Ctx>
-static void run_fma_avx512(const Ctx& c) {
-  if (scramble_rows(c.M, c.K, sizeof(float), sizeof(*c.w))) {
-    std::vector<float> xs(c.M * c.K);
-    Ctx cr = c;
-    cr.xmask = 5;
-    scramble_x(c.x, c.M, c.K, cr.xmask, xs.data());
-    cr.x = xs.data();
-    run_rows<FmaAvx512>(cr);
-  } else if (!run_rows<FmaAvx512>(c)) {
-    run_tiles<FmaAvx512>(c);
-  }
-}
-
 void linear_int8_weight(const void* x, bool x_bf16, const int8_t* w, const float* w_scale, const void* bias,
                         bool bias_bf16, int64_t M, int64_t N, int64_t K, void* y) {
   std::vector<float> xf;
@@ -866,7 +858,7 @@ void linear_int8_weight(const void* x, bool x_bf16, const int8_t* w, const float
   }
   const WInt8 c{(const float*)x, w, M, N, K, w_scale, bias, bias_bf16, y, x_bf16};
   if (use_f()) {
-    run_fma_avx512(c);
+    run_scrambled_rows_or_tiles<FmaAvx512>(c);
   } else {
     run_fma_fallback(c);
   }
@@ -970,7 +962,7 @@ void linear_f32(const float* x, const float* w, const void* bias, bool bias_bf16
                 float* y) {
   const F32 c{x, w, M, N, K, bias, bias_bf16, y};
   if (use_f()) {
-    run_fma_avx512(c);
+    run_scrambled_rows_or_tiles<FmaAvx512>(c);
   } else {
     run_fma_fallback(c);
   }
