@@ -132,7 +132,7 @@ class Bloom(nn.Module):
         self.register_buffer("slopes", ops.alibi_slopes(cfg.n_head), persistent=False)  # (H,) fp32
         self.backend = ops.REFERENCE
         self.taps = None  # {name: tensor} when tracing (see minibloom.trace); None costs nothing
-        self.compiled_hidden = None  # `hidden` through torch.compile, for `step` (compile_step)
+        self.compiled_decode = None  # `decode` through torch.compile, for `step` (compile_step)
 
     # -- the forward pass ------------------------------------------------------------------------------------------
     def hidden(self, ids, key_pos, caches=None, start=0):
@@ -148,6 +148,10 @@ class Bloom(nn.Module):
 
     def logits(self, x):
         return self.lm_head(x)
+
+    def decode(self, tokens, mask, caches, start):
+        """tokens (B, T) after `start` cached ones -> logits (B, T, V); mask (B, start + T) covers every key."""
+        return self.logits(self.hidden(tokens, ops.positions_from_mask(mask), caches, start))
 
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None):
         """Logits (B, T, vocab) for every position; padding positions are garbage (masked), as in transformers."""
@@ -178,13 +182,12 @@ class Bloom(nn.Module):
         L = state.length
         state.mask[:, L] = 1
         state.length = L + 1
-        hidden = self.compiled_hidden if self.compiled_hidden and self.taps is None else self.hidden
-        x = hidden(tokens[:, None], ops.positions_from_mask(state.mask[:, :L + 1]), state.caches, L)
-        return self.logits(x[:, -1])
+        decode = self.compiled_decode if self.compiled_decode and self.taps is None else self.decode
+        return decode(tokens[:, None], state.mask[:, :L + 1], state.caches, L)[:, -1]
 
     def compile_step(self):
         """Run `step` through torch.compile (ops.compile_decode); prefill stays eager."""
-        self.compiled_hidden = ops.compile_decode(self.hidden)
+        self.compiled_decode = ops.compile_decode(self.decode)
 
     def cache_bytes(self, B: int, S: int, dtype) -> int:
         """Bytes of the KV cache for B rows of S tokens: keys and values for every layer."""

@@ -7,6 +7,8 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 
+#include "stable_empty.h"
+
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -83,7 +85,7 @@ Tensor decode(Tensor q, Tensor k, Tensor v, Tensor key_pos, double scale, std::o
   const int64_t q_st[2] = {q.stride(0), q.stride(1)};
   const int64_t k_st[3] = {k.stride(0), k.stride(1), k.stride(2)};
   const int64_t v_st[3] = {v.stride(0), v.stride(1), v.stride(2)};
-  Tensor out = torch::stable::new_empty(q, {B, H, D});
+  Tensor out = empty_cpu({B, H, D}, q.scalar_type());
   mbattn_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), bf16, B, H, L, D, q_st, k_st, v_st,
                 static_cast<const int32_t*>(key_pos.data_ptr()), (float)scale, ptr_or_null<float>(alibi_slopes),
                 ptr_or_null<float>(t5_table), t5_table.has_value() ? t5_table->size(0) : 0,
@@ -101,7 +103,7 @@ Tensor prefill(Tensor q, Tensor k, Tensor v, Tensor key_pos, double scale, bool 
   const int64_t q_st[3] = {q.stride(0), q.stride(1), q.stride(2)};
   const int64_t k_st[3] = {k.stride(0), k.stride(1), k.stride(2)};
   const int64_t v_st[3] = {v.stride(0), v.stride(1), v.stride(2)};
-  Tensor out = torch::stable::new_empty(q, {B, H, T, D});
+  Tensor out = empty_cpu({B, H, T, D}, q.scalar_type());
   mbattn_prefill(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), bf16, B, H, T, S, D, q_st, k_st, v_st,
                  static_cast<const int32_t*>(key_pos.data_ptr()), (float)scale, causal, q_offset,
                  ptr_or_null<float>(alibi_slopes), ptr_or_null<float>(t5_table),

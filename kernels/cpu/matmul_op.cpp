@@ -6,6 +6,8 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 
+#include "stable_empty.h"
+
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -63,8 +65,8 @@ std::tuple<Tensor, Tensor> quantize_rows(Tensor w) {
   check_2d(w, "w");
   STD_TORCH_CHECK(w.scalar_type() == ScalarType::Float, "w must be float32");
   const int64_t N = w.size(0), K = w.size(1);
-  Tensor q = torch::stable::new_empty(w, {N, K}, ScalarType::Char);
-  Tensor scale = torch::stable::new_empty(w, {N}, ScalarType::Float);
+  Tensor q = empty_cpu({N, K}, ScalarType::Char);
+  Tensor scale = empty_cpu({N}, ScalarType::Float);
   mbmm::quantize_rows((const float*)w.data_ptr(), N, K, (int8_t*)q.data_ptr(), (float*)scale.data_ptr());
   return {q, scale};
 }
@@ -73,12 +75,12 @@ std::tuple<Tensor, Tensor, Tensor> quantize_activations(Tensor x, double thresho
   check_2d(x, "x");
   STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float || is_bf16(x), "x must be float32 or bfloat16");
   const int64_t M = x.size(0), K = x.size(1);
-  Tensor xq = torch::stable::new_empty(x, {M, K}, ScalarType::Char);
-  Tensor s_x = torch::stable::new_empty(x, {M}, ScalarType::Float);
+  Tensor xq = empty_cpu({M, K}, ScalarType::Char);
+  Tensor s_x = empty_cpu({M}, ScalarType::Float);
   std::vector<int32_t> outl;
   mbmm::quantize_activations(x.data_ptr(), is_bf16(x), M, K, (float)threshold, (int8_t*)xq.data_ptr(),
                              (float*)s_x.data_ptr(), outl);
-  Tensor o = torch::stable::new_empty(x, {(int64_t)outl.size()}, ScalarType::Int);
+  Tensor o = empty_cpu({(int64_t)outl.size()}, ScalarType::Int);
   if (!outl.empty()) std::copy(outl.begin(), outl.end(), (int32_t*)o.data_ptr());
   return {xq, s_x, o};
 }
@@ -86,7 +88,7 @@ std::tuple<Tensor, Tensor, Tensor> quantize_activations(Tensor x, double thresho
 Tensor linear_w8a8(Tensor x, Tensor wq, Tensor w_scale, std::optional<Tensor> bias, double threshold) {
   check_args(x, wq, ScalarType::Char, &w_scale, bias);
   const int64_t M = x.size(0), K = x.size(1), N = wq.size(0);
-  Tensor y = torch::stable::new_empty(x, {M, N});
+  Tensor y = empty_cpu({M, N}, x.scalar_type());
   mbmm::linear_w8a8(x.data_ptr(), is_bf16(x), (const int8_t*)wq.data_ptr(), (const float*)w_scale.data_ptr(),
                     bias_ptr(bias), bias_bf16(bias), (float)threshold, M, N, K, y.data_ptr());
   return y;
@@ -95,7 +97,7 @@ Tensor linear_w8a8(Tensor x, Tensor wq, Tensor w_scale, std::optional<Tensor> bi
 Tensor linear_int8_weight(Tensor x, Tensor wq, Tensor w_scale, std::optional<Tensor> bias) {
   check_args(x, wq, ScalarType::Char, &w_scale, bias);
   const int64_t M = x.size(0), K = x.size(1), N = wq.size(0);
-  Tensor y = torch::stable::new_empty(x, {M, N});
+  Tensor y = empty_cpu({M, N}, x.scalar_type());
   mbmm::linear_int8_weight(x.data_ptr(), is_bf16(x), (const int8_t*)wq.data_ptr(),
                            (const float*)w_scale.data_ptr(), bias_ptr(bias), bias_bf16(bias), M, N, K,
                            y.data_ptr());
@@ -106,7 +108,7 @@ Tensor linear_bf16(Tensor x, Tensor w, std::optional<Tensor> bias) {
   check_args(x, w, ScalarType::BFloat16, nullptr, bias);
   STD_TORCH_CHECK(is_bf16(x), "x must be bfloat16");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  Tensor y = torch::stable::new_empty(x, {M, N});
+  Tensor y = empty_cpu({M, N}, x.scalar_type());
   mbmm::linear_bf16((const uint16_t*)x.data_ptr(), (const uint16_t*)w.data_ptr(), bias_ptr(bias),
                     bias_bf16(bias), M, N, K, (uint16_t*)y.data_ptr());
   return y;
@@ -116,7 +118,7 @@ Tensor linear_f32(Tensor x, Tensor w, std::optional<Tensor> bias) {
   check_args(x, w, ScalarType::Float, nullptr, bias);
   STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float, "x must be float32");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  Tensor y = torch::stable::new_empty(x, {M, N});
+  Tensor y = empty_cpu({M, N}, x.scalar_type());
   mbmm::linear_f32((const float*)x.data_ptr(), (const float*)w.data_ptr(), bias_ptr(bias), bias_bf16(bias), M, N,
                    K, (float*)y.data_ptr());
   return y;
@@ -127,7 +129,7 @@ Tensor argmax_rows(Tensor x) {
   STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float || is_bf16(x), "x must be float32 or bfloat16");
   STD_TORCH_CHECK(x.size(1) > 0, "argmax of an empty row");
   const int64_t M = x.size(0), N = x.size(1);
-  Tensor out = torch::stable::new_empty(x, {M}, ScalarType::Long);
+  Tensor out = empty_cpu({M}, ScalarType::Long);
   mbmm::argmax_rows(x.data_ptr(), is_bf16(x), M, N, (int64_t*)out.data_ptr());
   return out;
 }
