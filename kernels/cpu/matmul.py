@@ -268,6 +268,13 @@ def linear_f32(x, w, bias=None):
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """Greedy pick: x (..., V) fp32|bf16 logits -> (...,) int64, exactly torch.argmax(x, -1) (first maximum; a NaN
     counts as the maximum). torch's CPU argmax reads lm_head's 250,880 logits at ~2 GB/s (0.4-1 ms a token)."""
+    # A decode step's (B, V) logits go straight to the op, whose C++ checks guard what it reads: after a token's
+    # weight stream every line of Python runs on cold caches, and the checks below cost ~80 us a token there.
+    if type(x) is torch.Tensor and x.is_cpu and x.dim() == 2:
+        try:
+            return _ops().argmax_rows(x)
+        except RuntimeError:
+            pass
     if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dtype not in _FLOATS:
         raise ValueError("argmax: x must be a float32 or bfloat16 CPU tensor of logits (..., V); convert it with "
                          "x.float().cpu(), or use torch.argmax(x, -1) elsewhere")

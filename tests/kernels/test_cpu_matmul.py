@@ -315,6 +315,13 @@ def test_argmax_ties_infinities_and_nans_as_torch(path, dtype):
     assert torch.equal(mm.argmax(x), ref.argmax_ref(x))
 
 
+def test_argmax_of_a_strided_view_as_torch():
+    # (B, V) logits go to the op first; it refuses a non-contiguous view and the full path copies it
+    x = torch.randn(300, 5).t()                                                    # (5, 300), strides (1, 5)
+    assert torch.equal(mm.argmax(x), ref.argmax_ref(x))
+    assert torch.equal(mm.argmax(x[:, ::2]), ref.argmax_ref(x[:, ::2]))
+
+
 def test_argmax_validation():
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         mm.argmax(torch.zeros(2, 5, dtype=torch.float16))
