@@ -13,9 +13,9 @@ def folders():
     return {"bloom": bloom_checkpoint(TINY_BLOOM, scale=3.0), "mt5": mt5_checkpoint(TINY_MT5)}
 
 
-def _steps(lm, n):
-    """Logits of the start and n greedy steps (B = 2, left-padded prompts)."""
-    ids, mask = lm.encode_batch(["Translate to English: Je t'aime.", "Hi"])
+def _steps(lm, n, rows=1):
+    """Logits of the start and n greedy steps (B = 2 * rows, left-padded prompts)."""
+    ids, mask = lm.encode_batch(["Translate to English: Je t'aime.", "Hi"] * rows)
     out = []
     with torch.inference_mode():
         logits, state = lm.model.start(ids, mask, n + 1)
@@ -27,7 +27,8 @@ def _steps(lm, n):
 
 
 @pytest.mark.parametrize("arch,backend,quantize", [("bloom", "fused", None), ("bloom", "fused", "int8"),
-                                                   ("bloom", "reference", None), ("mt5", "fused", None)])
+                                                   ("bloom", "reference", None), ("bloom", "reference", "int8"),
+                                                   ("mt5", "fused", None)])
 def test_compiled_step_equals_eager_and_compiles_once(folders, arch, backend, quantize):
     torch._dynamo.reset()
     kw = dict(dtype="float32", backend=backend, quantize=quantize)
@@ -40,6 +41,20 @@ def test_compiled_step_equals_eager_and_compiles_once(folders, arch, backend, qu
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
     # Inductor may reorder fp32 reductions (norms, softmax): a few ulp of the logits' magnitude
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-5)
+
+
+def test_compiled_int8_step_with_as_many_rows_as_a_prefill(folders):
+    """From PREFILL_MIN_ROWS["w8a8"] rows on, W8A8 runs torch._int_mm plus the outlier columns; traced, that path
+    must not branch on how many outlier columns the data has (a graph break, so an error with fullgraph)."""
+    from minibloom.kernels.cpu import matmul as mm
+    torch._dynamo.reset()
+    kw = dict(dtype="float32", backend="fused", quantize="int8")
+    rows = 9                                                             # B = 18 >= 16 (with VNNI)
+    assert mm.PREFILL_MIN_ROWS["w8a8"] > 16 or 2 * rows >= mm.PREFILL_MIN_ROWS["w8a8"]
+    eager = _steps(minibloom.load(folders["bloom"], **kw), 3, rows)
+    compiled = _steps(minibloom.load(folders["bloom"], compile=True, **kw), 3, rows)
+    assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-5)
 
 

@@ -222,7 +222,9 @@ def _w8a8_int_mm(x2, wq, w_scale, bias, threshold):
     # Prefill: the same quantization (our kernel), torch._int_mm for the exact int32 GEMM, the same fp32 epilogue.
     xq, s_x, outliers = _ops().quantize_activations(x2, threshold)
     y = torch._int_mm(xq, wq.t()).float() * s_x[:, None] * w_scale[None, :]     # (M, N)
-    if outliers.numel():
+    # Compiled (a decode step of >= PREFILL_MIN_ROWS rows), the correction is always traced: a branch on the number
+    # of outlier columns would depend on the data. With none it adds an (M, 0) @ (0, N) product, zeros.
+    if torch.compiler.is_compiling() or outliers.numel():
         o = outliers.long()
         y = y + x2[:, o].float() @ (wq[:, o].float() * w_scale[:, None]).t()
     if bias is not None:
