@@ -291,12 +291,10 @@ def compile_decode(fn):
     The custom kernels are traced through their fake implementations and run as they are. cpp_wrapper: the
     graph's ~130 calls (kernels and inductor's fused loops) are made from generated C++, not from a generated
     Python function: about -1 ms of a 26 ms int8 step (bloomz-560m shape, same process), +25% compile time.
-    cpp.threads=1: inductor's own loops (layer norms over one row, GELU, cache writes) run on one thread; with
-    the batch symbolic it opened an OpenMP region for each (two per layer norm): -0.2 to -1.3% per int8 step,
-    paired (kernels/MATMUL.md). The kernels keep every thread. dynamic=True: the cache grows every step and must
-    not trigger a recompile. fullgraph=True: a graph break would be a silent slowdown, so it is an error. The
-    first step compiles (about 20-70 s on 2 cores; cached on disk by torch)."""
-    compiled = torch.compile(fn, dynamic=True, fullgraph=True, options={"cpp_wrapper": True, "cpp.threads": 1})
+    dynamic=True: the cache grows every step and must not trigger a recompile. fullgraph=True: a graph break
+    would be a silent slowdown, so it is an error. The first step compiles (about 20-70 s on 2 cores; cached on
+    disk by torch)."""
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
 
     def step(*args):
         try:
