@@ -425,6 +425,15 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--report", metavar="JSON", help="measure nothing: print the table (and --plot) of a saved --json")
 
 
+def _tokenizer_size(folder: Path) -> int | None:
+    """Tokens of tokenizer.json's model vocabulary: prompt ids stay below it (CTranslate2 maps ids through it)."""
+    path = folder / "tokenizer.json"
+    try:
+        return len(json.loads(path.read_text())["model"]["vocab"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
 def make_batches(vocab_size: int, folder: Path, prompt_tokens: int, batch: list[int], new_tokens: list[int]):
     """One prompt for everyone: random ids, no special tokens (ids >= 4), one row per batch entry. Ascending batch
     size, so that the peak RSS read after each batch is its own."""
@@ -582,12 +591,3 @@ def command_line(args) -> str:
     if args.compile:
         parts.append("--compile")
     return " ".join(shlex.quote(p) for p in parts)
-
-
-def _tokenizer_size(folder: Path) -> int | None:
-    """Tokens of tokenizer.json's model vocabulary: prompt ids stay below it (CTranslate2 maps ids through it)."""
-    path = folder / "tokenizer.json"
-    try:
-        return len(json.loads(path.read_text())["model"]["vocab"])
-    except (OSError, KeyError, ValueError, TypeError):
-        return None
