@@ -72,6 +72,14 @@ def linear_bf16_ref(x, w, bias=None):
     return y.to(torch.bfloat16)
 
 
+def linear_f16_ref(x, w, bias=None):
+    """fp16 x fp16 with fp32 accumulation, rounded once to fp16."""
+    y = x.float() @ w.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(torch.float16)
+
+
 def linear_f32_ref(x, w, bias=None):
     """fp32 x fp32 -> fp32 (only the summation order may differ between implementations)."""
     y = x.float() @ w.float().t()

@@ -39,16 +39,7 @@ class FusedBackend(ops.Backend):
         self.device = device
         self.attn, self.mm = _modules(device)
 
-    def _attention_dtype_ok(self, q) -> bool:
-        if self.device.type == "cpu" and q.dtype not in (torch.float32, torch.bfloat16):
-            ops._say_once(f"the CPU attention kernels take float32 and bfloat16, not {q.dtype}: "
-                          f"that attention runs on the reference path")
-            return False
-        return True
-
     def alibi_attention(self, q, k, v, key_pos, slopes, q_offset):
-        if not self._attention_dtype_ok(q):
-            return super().alibi_attention(q, k, v, key_pos, slopes, q_offset)
         key_pos = key_pos.to(torch.int32)
         scale = 1.0 / math.sqrt(q.shape[-1])
         if q.shape[2] == 1:
@@ -58,8 +49,6 @@ class FusedBackend(ops.Backend):
                                            alibi_slopes=slopes)
 
     def t5_attention(self, q, k, v, key_pos, bias, causal, q_offset):
-        if not self._attention_dtype_ok(q):
-            return super().t5_attention(q, k, v, key_pos, bias, causal, q_offset)
         key_pos = key_pos.to(torch.int32)
         t5 = {}
         if bias is not None:
@@ -72,21 +61,13 @@ class FusedBackend(ops.Backend):
         return self.attn.attention_prefill(q, k, v, key_pos, scale=1.0, causal=causal, q_offset=q_offset, **t5)
 
     def linear_int8(self, x, layer):
-        bias, out_dtype = layer.bias, None
-        if self.device.type == "cpu" and x.dtype == torch.float16:
-            # The CPU kernels take fp32/bf16. The int8 semantics compute in fp32 and round the output to x's
-            # dtype (matmul_ref), so widening fp16 (exact) and rounding back is the same computation.
-            x, out_dtype = x.float(), torch.float16
-            bias = None if bias is None else bias.float()
         if layer.quant == "int8":
-            y = self.mm.linear_w8a8(x, layer.weight, layer.weight_scale, bias, layer.threshold)
-        else:
-            y = self.mm.linear_int8_weight(x, layer.weight, layer.weight_scale, bias)
-        return y if out_dtype is None else y.to(out_dtype)
+            return self.mm.linear_w8a8(x, layer.weight, layer.weight_scale, layer.bias, layer.threshold)
+        return self.mm.linear_int8_weight(x, layer.weight, layer.weight_scale, layer.bias)
 
     def argmax(self, logits):
         # An exact op, so GPU logits and other dtypes use torch's (on the CPU it reads ~2 GB/s: 0.4-1 ms a token).
-        if self.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) and logits.shape[-1] > 0:
+        if self.device.type == "cpu" and logits.dtype in self.mm._FLOATS and logits.shape[-1] > 0:
             return self.mm.argmax(logits)
         return logits.argmax(-1)
 
@@ -97,6 +78,8 @@ class FusedBackend(ops.Backend):
         if self.device.type == "cpu" and w.dtype == torch.bfloat16:
             # ours for decode rows; from PREFILL_MIN_ROWS on, oneDNN where it is faster (kernels/MATMUL.md)
             return self.mm.linear_bf16(x, w, layer.bias)
+        if self.device.type == "cpu" and w.dtype == torch.float16:
+            return self.mm.linear_f16(x, w, layer.bias)  # torch's fp16 GEMM is slower at every size (MATMUL.md)
         if self.device.type == "cpu" and w.dtype == torch.float32:
             return self.mm.linear_f32(x, w, layer.bias)  # ours below 64 rows on AVX-512, else F.linear
         return F.linear(x, w, layer.bias)

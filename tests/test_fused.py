@@ -49,10 +49,11 @@ def test_mt5_fused_fp32_matches_transformers():
     assert torch.equal(lm.generate_ids(ids, mask, max_new_tokens=12), expected)
 
 
-def test_bloom_fused_bf16_close_to_reference():
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_bloom_fused_half_close_to_reference(dtype):
     folder = bloom_checkpoint(TINY_BLOOM, scale=3.0)
-    ref = minibloom.load(folder, dtype="bfloat16", backend="reference")
-    fus = minibloom.load(folder, dtype="bfloat16", backend="fused")
+    ref = minibloom.load(folder, dtype=dtype, backend="reference")
+    fus = minibloom.load(folder, dtype=dtype, backend="fused")
     f32 = minibloom.load(folder, dtype="float32", backend="reference")
     ids, mask = ref.encode_batch(PROMPTS)
     with torch.no_grad():
@@ -73,6 +74,6 @@ def test_fused_raises_when_kernels_are_unavailable(monkeypatch):
 
 def test_fused_argmax_equals_torch_for_every_dtype():
     backend = fused.FusedBackend(torch.device("cpu"))
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # fp16: torch's own argmax
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):  # float64: torch's own argmax
         x = torch.randn(2, 3, 1003, generator=torch.Generator().manual_seed(0)).to(dtype)
         assert torch.equal(backend.argmax(x), x.argmax(-1))

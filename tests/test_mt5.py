@@ -140,14 +140,15 @@ def test_generate_text_and_stream_agree(tiny):
     assert lm.generate(PROMPTS, max_new_tokens=8, num_beams=2, num_return_sequences=2).__len__() == 8
 
 
-def test_fp16_does_not_overflow_and_stays_close_to_fp32():
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_fp16_does_not_overflow_and_stays_close_to_fp32(backend):
     """FFN output weights scaled by 5e4: the residual stream leaves fp16's range (65504)."""
     folder = mt5_checkpoint(TINY_MT5, wo_scale=5e4, seed=1)
     ids, mask, dec = long_batch(2)
     ids, mask, dec = ids[:, :60], mask[:, :60], dec[:, :20]
     fp32 = hf_from_folder(folder, torch.float32)
     plain_half = hf_from_folder(folder, torch.float32).half()   # every weight fp16 (transformers' inf clamp left on)
-    ours16 = minibloom.load(folder, dtype="float16", backend="reference")
+    ours16 = minibloom.load(folder, dtype="float16", backend=backend)
     oursbf = minibloom.load(folder, dtype="bfloat16", backend="reference")
     naive = minibloom.load(folder, dtype="float16", backend="reference")
     for m in naive.model.modules():

@@ -22,6 +22,8 @@
 #include <cstring>
 #include <vector>
 
+#include "floats.h"
+
 #pragma GCC diagnostic ignored "-Wpsabi"  // vector types cross no ABI boundary: every template is inlined
 
 namespace {
@@ -39,7 +41,10 @@ int cpu_simd_level() {
   static const int level = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
                                ? (__builtin_cpu_supports("avx512bf16") ? 4 : 2)
-                               : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1 : 0;
+                               : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                                  __builtin_cpu_supports("f16c"))
+                                   ? 1
+                                   : 0;
   return level;
 }
 int simd_level() {
@@ -48,28 +53,17 @@ int simd_level() {
   return level == 3 ? 2 : level;
 }
 
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = (uint32_t)h << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+// Element types of q, k, v and out (attention_op.cpp): fp32, bf16, fp16.
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+inline float load_elem(const void* p, int dt, int64_t i) {
+  return dt == DT_BF16 ? bf16_to_f32(((const uint16_t*)p)[i])
+         : dt == DT_F16 ? f16_to_f32(((const uint16_t*)p)[i])
+                        : ((const float*)p)[i];
 }
 
-// Round to nearest even, like torch's float -> bfloat16 cast.
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
-
-inline float load_elem(const void* p, bool bf16, int64_t i) {
-  return bf16 ? bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
-}
-
-inline const void* offset(const void* p, bool bf16, int64_t elems) {
-  return (const char*)p + elems * (bf16 ? 2 : 4);
+inline const void* offset(const void* p, int dt, int64_t elems) {
+  return (const char*)p + elems * (dt == DT_F32 ? 4 : 2);
 }
 
 // The bf16 layout of the SIMD code: an in-lane unpack (vpunpcklwd / vpunpckhwd with zero) widens 2W bf16 to two
@@ -86,8 +80,8 @@ inline int64_t perm_col(int W, int64_t p) {
 }
 // The layout of rows for primitives of W lanes: W (perm_col order) with bf16 inputs and whole blocks of 2W
 // columns, else 0 (natural order).
-inline int perm_layout(int W, bool bf16, int64_t D) {
-  return (W == 8 || W == 16) && bf16 && D % (2 * W) == 0 ? W : 0;
+inline int perm_layout(int W, int dt, int64_t D) {
+  return (W == 8 || W == 16) && dt == DT_BF16 && D % (2 * W) == 0 ? W : 0;
 }
 
 // A call's row layout as tables (D <= 256), built once per call: col[p] is the column at row position p, pos[d]
@@ -100,12 +94,14 @@ struct RowOrder {
 };
 
 // out[o0 : o0 + D] = acc * inv, rounded to out's dtype; acc in the order of `order`.
-inline void store_row(void* out, bool bf16, int64_t o0, const float* acc, int64_t D, float inv,
+inline void store_row(void* out, int dt, int64_t o0, const float* acc, int64_t D, float inv,
                       const RowOrder& order) {
   for (int64_t d = 0; d < D; d++) {
     const float v = acc[order.pos[d]] * inv;
-    if (bf16)
+    if (dt == DT_BF16)
       ((uint16_t*)out)[o0 + d] = f32_to_bf16(v);
+    else if (dt == DT_F16)
+      ((uint16_t*)out)[o0 + d] = f32_to_f16(v);
     else
       ((float*)out)[o0 + d] = v;
   }
@@ -130,30 +126,31 @@ int t5_bucket(int64_t rel, bool bidirectional, int num_buckets, int max_distance
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Block primitives. Shapes: KB keys per block, rows of a score tile are KB floats apart.
-//   dots(q, k, ks, n, D, bf16, s)              s[j] = q . k[j*ks : j*ks + D]           j < n
+// Block primitives. Shapes: KB keys per block, rows of a score tile are KB floats apart. k and v hold elements of
+// type dt (DT_F32, DT_BF16, DT_F16), widened to fp32 as they are read; q, S, P and O are fp32.
+//   dots(q, k, ks, n, D, dt, s)                s[j] = q . k[j*ks : j*ks + D]           j < n
 //   qk(Q, KT, rows, D, S)                      S[r][c] = sum_d Q[r][d] KT[d][c]         Q (rows, D), KT (D, KB)
 //   softmax(S, rows, scale, keybias, rowbias, limit, m, l, corr)
 //       x = S*scale + keybias[c] + rowbias[r][c], x = -inf for c >= limit[r]
 //       m_new = max(m, max_c x); corr = exp(m - m_new); l = l*corr + sum_c exp(x - m_new); S <- exp(x - m_new)
-//   pv(O, P, corr, v, vs, rows, n, D, bf16)    O[r] = O[r]*corr[r] + sum_{j<n} P[r][j] v[j*vs : j*vs + D]
+//   pv(O, P, corr, v, vs, rows, n, D, dt)      O[r] = O[r]*corr[r] + sum_{j<n} P[r][j] v[j*vs : j*vs + D]
 
 struct Ops {
-  void (*dots)(const float*, const void*, int64_t, int, int, bool, float*);
+  void (*dots)(const float*, const void*, int64_t, int, int, int, float*);
   void (*qk)(const float*, const float*, int, int, float*);
   void (*softmax)(float*, int, float, const float*, const float* const*, const int*, float*, float*, float*);
-  void (*pv)(float*, const float*, const float*, const void*, int64_t, int, int, int, bool);
+  void (*pv)(float*, const float*, const float*, const void*, int64_t, int, int, int, int);
   int width;  // lanes of the SIMD set (1: scalar); decides the layout of dots' q and pv's O rows
-  int layout(bool bf16, int64_t D) const { return perm_layout(width, bf16, D); }
+  int layout(int dt, int64_t D) const { return perm_layout(width, dt, D); }
 };
 
 // ---- scalar ----
 
-void dots_scalar(const float* q, const void* k, int64_t ks, int n, int D, bool bf16, float* s) {
+void dots_scalar(const float* q, const void* k, int64_t ks, int n, int D, int dt, float* s) {
   for (int j = 0; j < n; j++) {
-    const void* kj = offset(k, bf16, j * ks);
+    const void* kj = offset(k, dt, j * ks);
     float acc = 0.f;
-    for (int d = 0; d < D; d++) acc += q[d] * load_elem(kj, bf16, d);
+    for (int d = 0; d < D; d++) acc += q[d] * load_elem(kj, dt, d);
     s[j] = acc;
   }
 }
@@ -194,15 +191,15 @@ void softmax_scalar(float* S, int rows, float scale, const float* keybias, const
 }
 
 void pv_scalar(float* O, const float* P, const float* corr, const void* v, int64_t vs, int rows, int n, int D,
-               bool bf16) {
+               int dt) {
   for (int r = 0; r < rows; r++) {
     float* o = O + r * D;
     for (int d = 0; d < D; d++) o[d] *= corr[r];
     for (int j = 0; j < n; j++) {
       const float p = P[r * KB + j];
       if (p == 0.f) continue;
-      const void* vj = offset(v, bf16, j * vs);
-      for (int d = 0; d < D; d++) o[d] += p * load_elem(vj, bf16, d);
+      const void* vj = offset(v, dt, j * vs);
+      for (int d = 0; d < D; d++) o[d] += p * load_elem(vj, dt, d);
     }
   }
 }
@@ -242,12 +239,26 @@ inline void storef(float* p, typename Vec<W>::f v) {
   std::memcpy(p, &v, sizeof v);
 }
 
-// W elements of fp32 or bf16 -> fp32. bf16 -> fp32 is exact: the bf16 bits are the high half of the fp32.
+// 8 fp16 -> fp32 (vcvtph2ps, exact). The intrinsic needs F16C where it is compiled: in this function, inlined
+// into the entry points (flatten), whose targets include f16c. GCC widens a vector of _Float16 element by element.
+__attribute__((target("avx,f16c"))) inline __m256 cvt8_f16(const void* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+}
+
+// W elements of fp32, bf16 or fp16 -> fp32. bf16 -> fp32 is exact: the bf16 bits are the high half of the fp32.
 // Written as one shuffle that puts each bf16 in the high half of a 32-bit lane (zeros below): GCC lowers a
 // __builtin_convertvector widening to two half-width conversions plus an insert instead.
 template <int W>
-inline typename Vec<W>::f load(const void* p, bool bf16) {
-  if (!bf16) return loadf<W>((const float*)p);
+inline typename Vec<W>::f load(const void* p, int dt) {
+  if (dt == DT_F32) return loadf<W>((const float*)p);
+  if (dt == DT_F16) {
+    typename Vec<W>::f f;
+    for (int i = 0; i < W; i += 8) {
+      const __m256 h = cvt8_f16((const uint16_t*)p + i);
+      std::memcpy((float*)&f + i, &h, sizeof h);
+    }
+    return f;
+  }
   typedef uint16_t H2 __attribute__((vector_size(4 * W)));
   typename Vec<W>::h h, z = {};
   std::memcpy(&h, p, sizeof h);
@@ -286,10 +297,10 @@ inline void load2_bf16_perm(const void* p, typename Vec<W>::f& lo, typename Vec<
 
 // Two consecutive vectors of W elements at p -> fp32, in the perm_col order when perm (bf16 only).
 template <int W>
-inline void load_pair(const void* p, bool bf16, bool perm, typename Vec<W>::f& lo, typename Vec<W>::f& hi) {
+inline void load_pair(const void* p, int dt, bool perm, typename Vec<W>::f& lo, typename Vec<W>::f& hi) {
   if (perm) return load2_bf16_perm<W>(p, lo, hi);
-  lo = load<W>(p, bf16);
-  hi = load<W>(offset(p, bf16, W), bf16);
+  lo = load<W>(p, dt);
+  hi = load<W>(offset(p, dt, W), dt);
 }
 
 // Horizontal sum / max as a tree of halves (log2 W steps).
@@ -379,22 +390,22 @@ inline void hsum4(const typename Vec<W>::f* a, float* r) {
 // constant (0: run-time D), so the loop over d unrolls and the four keys' chains still overlap. Keys past n are
 // recomputed from the last one, never stored.
 template <int W, int DC>
-inline void dots4(const float* q, const void* k, int64_t ks, int n, int D, bool bf16, bool perm, float* s) {
+inline void dots4(const float* q, const void* k, int64_t ks, int n, int D, int dt, bool perm, float* s) {
   typedef typename Vec<W>::f F;
   if constexpr (DC > 0) D = DC;
   for (int j0 = 0; j0 < n; j0 += 4) {
     F a[4], b[4];
     for (int r = 0; r < 4; r++) {
-      const void* kr = offset(k, bf16, std::min(j0 + r, n - 1) * ks);
+      const void* kr = offset(k, dt, std::min(j0 + r, n - 1) * ks);
       a[r] = b[r] = splat<W>(0.f);
       int d = 0;
       for (; d + 2 * W <= D; d += 2 * W) {
         F lo, hi;
-        load_pair<W>(offset(kr, bf16, d), bf16, perm, lo, hi);
+        load_pair<W>(offset(kr, dt, d), dt, perm, lo, hi);
         a[r] += loadf<W>(q + d) * lo;
         b[r] += loadf<W>(q + d + W) * hi;
       }
-      if (d < D) a[r] += loadf<W>(q + d) * load<W>(offset(kr, bf16, d), bf16);  // an odd number of vectors
+      if (d < D) a[r] += loadf<W>(q + d) * load<W>(offset(kr, dt, d), dt);  // an odd number of vectors
     }
     F acc[4];
     for (int r = 0; r < 4; r++) acc[r] = a[r] + b[r];
@@ -405,42 +416,43 @@ inline void dots4(const float* q, const void* k, int64_t ks, int n, int D, bool 
 }
 
 template <int W>
-inline void dots_body(const float* q, const void* k, int64_t ks, int n, int D, bool bf16, float* s) {
+inline void dots_body(const float* q, const void* k, int64_t ks, int n, int D, int dt, float* s) {
   typedef typename Vec<W>::f F;
   const int Dv = D / W * W;
   if (Dv == D) {
-    const bool perm = perm_layout(W, bf16, D) != 0;  // q in the perm_col order (Ops::layout); then 2W divides D
+    const bool perm = perm_layout(W, dt, D) != 0;  // q in the perm_col order (Ops::layout); then 2W divides D
     if (D == 64)
-      dots4<W, 64>(q, k, ks, n, D, bf16, perm, s);
+      dots4<W, 64>(q, k, ks, n, D, dt, perm, s);
     else if (D == 128)
-      dots4<W, 128>(q, k, ks, n, D, bf16, perm, s);
+      dots4<W, 128>(q, k, ks, n, D, dt, perm, s);
     else
-      dots4<W, 0>(q, k, ks, n, D, bf16, perm, s);
+      dots4<W, 0>(q, k, ks, n, D, dt, perm, s);
     return;
   }
   for (int j = 0; j < n; j++) {  // head dims that are not a multiple of W: one key at a time
-    const void* kj = offset(k, bf16, j * ks);
+    const void* kj = offset(k, dt, j * ks);
     F a0 = splat<W>(0.f), a1 = splat<W>(0.f);
     int d = 0;
     for (; d + 2 * W <= Dv; d += 2 * W) {  // two independent FMA chains
-      a0 += loadf<W>(q + d) * load<W>(offset(kj, bf16, d), bf16);
-      a1 += loadf<W>(q + d + W) * load<W>(offset(kj, bf16, d + W), bf16);
+      a0 += loadf<W>(q + d) * load<W>(offset(kj, dt, d), dt);
+      a1 += loadf<W>(q + d + W) * load<W>(offset(kj, dt, d + W), dt);
     }
-    if (d < Dv) a0 += loadf<W>(q + d) * load<W>(offset(kj, bf16, d), bf16);
+    if (d < Dv) a0 += loadf<W>(q + d) * load<W>(offset(kj, dt, d), dt);
     float acc = hsum<W>(a0 + a1);
-    for (d = Dv; d < D; d++) acc += q[d] * load_elem(kj, bf16, d);
+    for (d = Dv; d < D; d++) acc += q[d] * load_elem(kj, dt, d);
     s[j] = acc;
   }
 }
 
-// The dtype is a run-time flag; calling the body with a literal lets the compiler fold every bf16 branch out of
-// the inner loops (the entry points are `flatten`, so the body is inlined twice).
+// The dtype is a run-time value; calling the body with a literal lets the compiler fold every dtype branch out
+// of the inner loops (the entry points are `flatten`, so the body is inlined once per dtype).
 template <int W>
-inline void dots_simd(const float* q, const void* k, int64_t ks, int n, int D, bool bf16, float* s) {
-  if (bf16)
-    dots_body<W>(q, k, ks, n, D, true, s);
-  else
-    dots_body<W>(q, k, ks, n, D, false, s);
+inline void dots_simd(const float* q, const void* k, int64_t ks, int n, int D, int dt, float* s) {
+  switch (dt) {
+    case DT_BF16: return dots_body<W>(q, k, ks, n, D, DT_BF16, s);
+    case DT_F16: return dots_body<W>(q, k, ks, n, D, DT_F16, s);
+    default: return dots_body<W>(q, k, ks, n, D, DT_F32, s);
+  }
 }
 
 // S tile: MR rows x (NCV * W) columns per register tile; for each d, broadcast Q[r][d] times a row of K^T.
@@ -508,7 +520,7 @@ inline void softmax_simd(float* S, int rows, float scale, const float* keybias, 
 // R rows x NV vectors of output columns [d0, d0 + NV*W): O = O*corr + P @ V.
 template <int W, int R, int NV>
 inline void pv_tile(float* O, const float* P, const float* corr, const void* v, int64_t vs, int n, int D, int d0,
-                    bool bf16) {
+                    int dt) {
   typedef typename Vec<W>::f F;
   // One row of at most 4 AVX-512 vectors (a decode row, head dim 64) has too few chains for the FMA latency:
   // even and odd keys then go to two sets of accumulators, added at the end.
@@ -519,21 +531,21 @@ inline void pv_tile(float* O, const float* P, const float* corr, const void* v, 
       acc[0][r][c] = loadf<W>(O + r * D + d0 + c * W) * corr[r];
       if constexpr (SETS == 2) acc[1][r][c] = splat<W>(0.f);
     }
-  const bool perm = perm_layout(W, bf16, D) != 0;  // O in the perm_col order (Ops::layout); NV is even then
+  const bool perm = perm_layout(W, dt, D) != 0;  // O in the perm_col order (Ops::layout); NV is even then
   auto key = [&](F(&a)[R][NV], int j) {
-    const void* vj = offset(v, bf16, j * vs + d0);
+    const void* vj = offset(v, dt, j * vs + d0);
     F pb[R];
     for (int r = 0; r < R; r++) pb[r] = splat<W>(P[r * KB + j]);
     // Two V vectors at a time, used at once: loading all of them first needs more than AVX2's 16 registers
     // next to 8 accumulators (GCC then keeps the accumulators on the stack).
     for (int c = 0; c < NV; c += 2) {
       if (c + 1 == NV) {
-        const F lo = load<W>(offset(vj, bf16, c * W), bf16);
+        const F lo = load<W>(offset(vj, dt, c * W), dt);
         for (int r = 0; r < R; r++) a[r][c] += pb[r] * lo;
         break;
       }
       F lo, hi;
-      load_pair<W>(offset(vj, bf16, c * W), bf16, perm, lo, hi);
+      load_pair<W>(offset(vj, dt, c * W), dt, perm, lo, hi);
       for (int r = 0; r < R; r++) {
         a[r][c] += pb[r] * lo;
         a[r][c + 1] += pb[r] * hi;
@@ -556,46 +568,47 @@ inline void pv_tile(float* O, const float* P, const float* corr, const void* v, 
 // 4 zmm (AVX-512), 8 ymm for one row on AVX2 (16 registers in all), 2 ymm per row for 4 rows.
 template <int W, int R>
 inline void pv_rows(float* O, const float* P, const float* corr, const void* v, int64_t vs, int n, int D,
-                    bool bf16) {
+                    int dt) {
   constexpr int NVMAX = W == 16 ? 4 : R == 1 ? 8 : 2;
   const int Dv = D / W * W;
   int d0 = 0;
-  for (; d0 + NVMAX * W <= Dv; d0 += NVMAX * W) pv_tile<W, R, NVMAX>(O, P, corr, v, vs, n, D, d0, bf16);
+  for (; d0 + NVMAX * W <= Dv; d0 += NVMAX * W) pv_tile<W, R, NVMAX>(O, P, corr, v, vs, n, D, d0, dt);
   if constexpr (NVMAX > 4)  // head dims 80, 96: 8 + 2 or 8 + 4 vectors
-    for (; d0 + 4 * W <= Dv; d0 += 4 * W) pv_tile<W, R, 4>(O, P, corr, v, vs, n, D, d0, bf16);
+    for (; d0 + 4 * W <= Dv; d0 += 4 * W) pv_tile<W, R, 4>(O, P, corr, v, vs, n, D, d0, dt);
   if constexpr (NVMAX > 2)
-    for (; d0 + 2 * W <= Dv; d0 += 2 * W) pv_tile<W, R, 2>(O, P, corr, v, vs, n, D, d0, bf16);
-  for (; d0 < Dv; d0 += W) pv_tile<W, R, 1>(O, P, corr, v, vs, n, D, d0, bf16);
+    for (; d0 + 2 * W <= Dv; d0 += 2 * W) pv_tile<W, R, 2>(O, P, corr, v, vs, n, D, d0, dt);
+  for (; d0 < Dv; d0 += W) pv_tile<W, R, 1>(O, P, corr, v, vs, n, D, d0, dt);
   for (int r = 0; r < R; r++)
     for (int d = Dv; d < D; d++) {
       float acc = O[r * D + d] * corr[r];
-      for (int j = 0; j < n; j++) acc += P[r * KB + j] * load_elem(offset(v, bf16, j * vs), bf16, d);
+      for (int j = 0; j < n; j++) acc += P[r * KB + j] * load_elem(offset(v, dt, j * vs), dt, d);
       O[r * D + d] = acc;
     }
 }
 
 template <int W>
 inline void pv_body(float* O, const float* P, const float* corr, const void* v, int64_t vs, int rows, int n, int D,
-                    bool bf16) {
+                    int dt) {
   int r = 0;
-  for (; r + MR <= rows; r += MR) pv_rows<W, MR>(O + r * D, P + r * KB, corr + r, v, vs, n, D, bf16);
-  for (; r < rows; r++) pv_rows<W, 1>(O + r * D, P + r * KB, corr + r, v, vs, n, D, bf16);
+  for (; r + MR <= rows; r += MR) pv_rows<W, MR>(O + r * D, P + r * KB, corr + r, v, vs, n, D, dt);
+  for (; r < rows; r++) pv_rows<W, 1>(O + r * D, P + r * KB, corr + r, v, vs, n, D, dt);
 }
 
 template <int W>  // the dtype as a literal, as in dots_simd
 inline void pv_simd(float* O, const float* P, const float* corr, const void* v, int64_t vs, int rows, int n, int D,
-                    bool bf16) {
-  if (bf16)
-    pv_body<W>(O, P, corr, v, vs, rows, n, D, true);
-  else
-    pv_body<W>(O, P, corr, v, vs, rows, n, D, false);
+                    int dt) {
+  switch (dt) {
+    case DT_BF16: return pv_body<W>(O, P, corr, v, vs, rows, n, D, DT_BF16);
+    case DT_F16: return pv_body<W>(O, P, corr, v, vs, rows, n, D, DT_F16);
+    default: return pv_body<W>(O, P, corr, v, vs, rows, n, D, DT_F32);
+  }
 }
 
 // Entry points per instruction set. Each one instantiates the generic template at its vector width.
 #define MBATTN_ENTRY_POINTS(ISA, W, TARGET)                                                                       \
   __attribute__((target(TARGET), flatten)) void dots_##ISA(const float* q, const void* k, int64_t ks, int n,    \
-                                                            int D, bool bf16, float* s) {                        \
-    dots_simd<W>(q, k, ks, n, D, bf16, s);                                                                       \
+                                                            int D, int dt, float* s) {                        \
+    dots_simd<W>(q, k, ks, n, D, dt, s);                                                                       \
   }                                                                                                              \
   __attribute__((target(TARGET), flatten)) void qk_##ISA(const float* Q, const float* KT, int rows, int D,      \
                                                           float* S) {                                            \
@@ -608,16 +621,16 @@ inline void pv_simd(float* O, const float* P, const float* corr, const void* v, 
   }                                                                                                              \
   __attribute__((target(TARGET), flatten)) void pv_##ISA(float* O, const float* P, const float* corr,           \
                                                           const void* v, int64_t vs, int rows, int n, int D,     \
-                                                          bool bf16) {                                           \
-    pv_simd<W>(O, P, corr, v, vs, rows, n, D, bf16);                                                             \
+                                                          int dt) {                                           \
+    pv_simd<W>(O, P, corr, v, vs, rows, n, D, dt);                                                             \
   }                                                                                                              \
   const Ops k_##ISA = {dots_##ISA, qk_##ISA, softmax_##ISA, pv_##ISA, W};
 
-MBATTN_ENTRY_POINTS(avx2, 8, "avx2,fma")
-MBATTN_ENTRY_POINTS(avx512, 16, "avx512f,avx512bw,avx512vl,avx512dq")
+MBATTN_ENTRY_POINTS(avx2, 8, "avx2,fma,f16c")
+MBATTN_ENTRY_POINTS(avx512, 16, "avx512f,avx512bw,avx512vl,avx512dq,f16c")
 // Testing aid: the 16-wide (AVX-512) template logic compiled for AVX2 (each vector is two ymm), so machines
 // without AVX-512 still exercise every line the AVX-512 build runs.
-MBATTN_ENTRY_POINTS(avx2_w16, 16, "avx2,fma")
+MBATTN_ENTRY_POINTS(avx2_w16, 16, "avx2,fma,f16c")
 
 // bf16 dot products with vdpbf16ps (AVX512_BF16): one instruction multiplies 32 bf16 pairs and adds them into 16
 // fp32 sums, where the generic code widens every 16 values and then runs an FMA. The products of two bf16 are
@@ -652,8 +665,8 @@ MBATTN_BF16DP_TARGET inline void dots4_bf16dp(const __m512bh* qb, const void* k,
 }
 
 MBATTN_BF16DP_TARGET __attribute__((flatten)) void dots_avx512bf16(const float* q, const void* k, int64_t ks, int n,
-                                                                   int D, bool bf16, float* s) {
-  if (!bf16 || D % 32 != 0) return dots_avx512(q, k, ks, n, D, bf16, s);
+                                                                   int D, int dt, float* s) {
+  if (dt != DT_BF16 || D % 32 != 0) return dots_avx512(q, k, ks, n, D, dt, s);
   __m512bh qb[256 / 32];
   for (int c = 0; c < D / 32; c++) {
     const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(q + 32 * c)), 16);
@@ -701,12 +714,12 @@ extern "C" int mbattn_simd_level(int cap) {
 
 // q (B, H, D) strides q_st; k, v (B, H, >=L, D) strides k_st / v_st (elements, last dim contiguous);
 // key_pos (B, L); one of: alibi (H,), t5_table (num_buckets, H) + t5_qpos (B,), bias (H, L); out (B, H, D).
-extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void* out, int bf16_in, int64_t B,
+extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void* out, int dtype, int64_t B,
                               int64_t H, int64_t L, int64_t D, const int64_t* q_st, const int64_t* k_st,
                               const int64_t* v_st, const int32_t* key_pos, float scale, const float* alibi,
                               const float* t5_table, int64_t num_buckets, const int32_t* t5_qpos, int t5_bidir,
                               int64_t t5_max_distance, const float* bias) {
-  const bool bf16 = bf16_in != 0;
+  const int dt = dtype;  // DT_F32, DT_BF16 or DT_F16
   const Ops& op = ops();
   // T5 buckets depend on (b, j) only: compute the logs once, not once per head. (B, L)
   std::vector<int32_t> bucket;
@@ -719,7 +732,7 @@ extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void*
   }
   const int64_t BH = B * H, nthr = omp_get_max_threads();
   if (BH == 0) return;
-  const RowOrder order(op.layout(bf16, D), D);  // q and O rows in the perm_col order of the SIMD code
+  const RowOrder order(op.layout(dt, D), D);  // q and O rows in the perm_col order of the SIMD code
   // Split-K: aim at >= 4 items per thread, but keep chunks >= 256 keys (whole blocks) so each stays a stream.
   int64_t nc = std::max<int64_t>(1, std::min((4 * nthr + BH - 1) / BH, L / 256));
   const int64_t chunk = std::max<int64_t>(KB, ((L + nc - 1) / nc + KB - 1) / KB * KB);  // L = 0: one empty chunk
@@ -748,15 +761,15 @@ extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void*
         const int64_t bh = it / nc, c = it % nc, b = bh / H, h = bh % H;
         const int64_t j0 = c * chunk, j1 = std::min(L, j0 + chunk);
         alignas(64) float qf[256];
-        const void* qp = offset(q, bf16, b * q_st[0] + h * q_st[1]);
-        for (int64_t d = 0; d < D; d++) qf[d] = load_elem(qp, bf16, order.col[d]);
-        const void* kp = offset(k, bf16, b * k_st[0] + h * k_st[1]);
+        const void* qp = offset(q, dt, b * q_st[0] + h * q_st[1]);
+        for (int64_t d = 0; d < D; d++) qf[d] = load_elem(qp, dt, order.col[d]);
+        const void* kp = offset(k, dt, b * k_st[0] + h * k_st[1]);
         const int32_t* pos = key_pos + b * L;
         float* sc = scratch.data() + (it - g0) * per_item;  // (chunk,) scores
         float* keybias = sc + per_item / 2;                 // (chunk,) key biases
         for (int64_t jb = j0; jb < j1; jb += KB) {
           const int n = (int)std::min<int64_t>(KB, j1 - jb);
-          op.dots(qf, offset(kp, bf16, jb * k_st[2]), k_st[2], n, (int)D, bf16, sc + (jb - j0));
+          op.dots(qf, offset(kp, dt, jb * k_st[2]), k_st[2], n, (int)D, dt, sc + (jb - j0));
           // The key biases of the block, one branch-free loop per kind (the compiler vectorises them). (n,)
           float* bb = keybias + (jb - j0);
           const int32_t* pj = pos + jb;
@@ -779,7 +792,7 @@ extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void*
       for (int64_t it = g0; it < g1; it++) {
         const int64_t bh = it / nc, c = it % nc, b = bh / H, h = bh % H;
         const int64_t j0 = c * chunk, j1 = std::min(L, j0 + chunk);
-        const void* vp = offset(v, bf16, b * v_st[0] + h * v_st[1]);
+        const void* vp = offset(v, dt, b * v_st[0] + h * v_st[1]);
         float* sc = scratch.data() + (it - g0) * per_item;
         float* keybias = sc + per_item / 2;
         float m = NEG_INF, l = 0.f, corr;
@@ -789,10 +802,10 @@ extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void*
           const int n = (int)std::min<int64_t>(KB, j1 - jb);
           const int limit = n;  // s[n:] is not computed
           op.softmax(sc + (jb - j0), 1, scale, keybias + (jb - j0), nullptr, &limit, &m, &l, &corr);
-          op.pv(o, sc + (jb - j0), &corr, offset(vp, bf16, jb * v_st[2]), v_st[2], 1, n, (int)D, bf16);
+          op.pv(o, sc + (jb - j0), &corr, offset(vp, dt, jb * v_st[2]), v_st[2], 1, n, (int)D, dt);
         }
         part[it] = {m, l};
-        if (nc == 1) store_row(out, bf16, bh * D, o, D, l > 0.f ? 1.f / l : 0.f, order);  // all keys masked -> 0
+        if (nc == 1) store_row(out, dt, bh * D, o, D, l > 0.f ? 1.f / l : 0.f, order);  // all keys masked -> 0
       }
     }
   }
@@ -815,21 +828,21 @@ extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void*
         for (int64_t d = 0; d < D; d++) acc[d] += w * oc[d];
       }
     }
-    store_row(out, bf16, bh * D, acc.data(), D, lsum > 0.f ? 1.f / lsum : 0.f, order);
+    store_row(out, dt, bh * D, acc.data(), D, lsum > 0.f ? 1.f / lsum : 0.f, order);
   }
 }
 
 // Prefill: q (B, H, T, D), k, v (B, H, S, D) with strides (elements, last dim contiguous); key_pos (B, S);
 // causal: query t sees key j only if j <= t + q_offset; alibi (H,) or t5_table (num_buckets, H); out (B, H, T, D).
-extern "C" void mbattn_prefill(const void* q, const void* k, const void* v, void* out, int bf16_in, int64_t B,
+extern "C" void mbattn_prefill(const void* q, const void* k, const void* v, void* out, int dtype, int64_t B,
                                int64_t H, int64_t T, int64_t S, int64_t D, const int64_t* q_st, const int64_t* k_st,
                                const int64_t* v_st, const int32_t* key_pos, float scale, int causal,
                                int64_t q_offset, const float* alibi, const float* t5_table, int64_t num_buckets,
                                int t5_bidir, int64_t t5_max_distance) {
-  const bool bf16 = bf16_in != 0;
+  const int dt = dtype;  // DT_F32, DT_BF16 or DT_F16
   const Ops& op = ops();
   const int64_t nkb = (S + KB - 1) / KB, nqb = (T + BQ - 1) / BQ, BH = B * H;
-  const RowOrder order(op.layout(bf16, D), D);  // of O (not Q: qk reads packed fp32 K)
+  const RowOrder order(op.layout(dt, D), D);  // of O (not Q: qk reads packed fp32 K)
 
   // K^T packed per (b, h, key block) as fp32 (D, KB), zero past S: the qk tile reads KB keys per vector.
   std::vector<float> kt_buf(BH * nkb * D * KB + 16);
@@ -844,8 +857,8 @@ extern "C" void mbattn_prefill(const void* q, const void* k, const void* v, void
         for (int64_t d = 0; d < D; d++) dst[d * KB + c] = 0.f;
         continue;
       }
-      const void* kj = offset(k, bf16, b * k_st[0] + h * k_st[1] + j * k_st[2]);
-      for (int64_t d = 0; d < D; d++) dst[d * KB + c] = load_elem(kj, bf16, d);
+      const void* kj = offset(k, dt, b * k_st[0] + h * k_st[1] + j * k_st[2]);
+      for (int64_t d = 0; d < D; d++) dst[d * KB + c] = load_elem(kj, dt, d);
     }
   }
 
@@ -872,15 +885,15 @@ extern "C" void mbattn_prefill(const void* q, const void* k, const void* v, void
     const float* rowbias[BQ];
     int limit[BQ];
     for (int r = 0; r < nr; r++) {
-      const void* qr = offset(q, bf16, b * q_st[0] + h * q_st[1] + (t0 + r) * q_st[2]);
-      for (int64_t d = 0; d < D; d++) Q[r * D + d] = load_elem(qr, bf16, d);
+      const void* qr = offset(q, dt, b * q_st[0] + h * q_st[1] + (t0 + r) * q_st[2]);
+      for (int64_t d = 0; d < D; d++) Q[r * D + d] = load_elem(qr, dt, d);
     }
     std::fill(m, m + BQ, NEG_INF);
     std::fill(l, l + BQ, 0.f);
     const int32_t* pos = key_pos + b * S;
     // causal block skipping: the last row of this block sees keys j <= t0 + nr - 1 + q_offset
     const int64_t kend = causal ? std::min(S, t0 + nr + q_offset) : S;
-    const void* kv_v = offset(v, bf16, b * v_st[0] + h * v_st[1]);
+    const void* kv_v = offset(v, dt, b * v_st[0] + h * v_st[1]);
     for (int64_t kb = 0; kb * KB < kend; kb++) {
       const int64_t j0 = kb * KB;
       const int n = (int)std::min<int64_t>(KB, S - j0);
@@ -895,11 +908,11 @@ extern "C" void mbattn_prefill(const void* q, const void* k, const void* v, void
         rowbias[r] = t5_table ? t5_rel.data() + h * R + std::max<int64_t>(0, j0 - t + T - 1) : nullptr;  // dummy rows clamp
       }
       op.softmax(Sb, BQ, scale, keybias, t5_table ? rowbias : nullptr, limit, m, l, corr);
-      op.pv(O.data(), Sb, corr, offset(kv_v, bf16, j0 * v_st[2]), v_st[2], nr, n, Di, bf16);
+      op.pv(O.data(), Sb, corr, offset(kv_v, dt, j0 * v_st[2]), v_st[2], nr, n, Di, dt);
     }
     for (int r = 0; r < nr; r++) {
       // fully masked query row -> 0
-      store_row(out, bf16, (bh * T + t0 + r) * D, O.data() + r * D, D, l[r] > 0.f ? 1.f / l[r] : 0.f, order);
+      store_row(out, dt, (bh * T + t0 + r) * D, O.data() + r * D, D, l[r] > 0.f ? 1.f / l[r] : 0.f, order);
     }
   }
 }

@@ -79,8 +79,8 @@ def _check_qkv(q, k, v, qdim):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
             raise ValueError(f"{name} must be a CPU tensor; move it with .cpu() or use the GPU kernels")
-    if q.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"q has dtype {q.dtype}; the CPU kernels take float32 or bfloat16")
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"q has dtype {q.dtype}; the CPU kernels take float32, bfloat16 or float16")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype")
     if q.dim() != qdim or k.dim() != 4 or v.dim() != 4:

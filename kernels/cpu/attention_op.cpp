@@ -17,12 +17,12 @@ using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
 extern "C" int mbattn_simd_level(int cap);
-extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void* out, int bf16, int64_t B,
+extern "C" void mbattn_decode(const void* q, const void* k, const void* v, void* out, int dtype, int64_t B,
                               int64_t H, int64_t L, int64_t D, const int64_t* q_st, const int64_t* k_st,
                               const int64_t* v_st, const int32_t* key_pos, float scale, const float* alibi,
                               const float* t5_table, int64_t num_buckets, const int32_t* t5_qpos, int t5_bidir,
                               int64_t t5_max_distance, const float* bias);
-extern "C" void mbattn_prefill(const void* q, const void* k, const void* v, void* out, int bf16, int64_t B,
+extern "C" void mbattn_prefill(const void* q, const void* k, const void* v, void* out, int dtype, int64_t B,
                                int64_t H, int64_t T, int64_t S, int64_t D, const int64_t* q_st, const int64_t* k_st,
                                const int64_t* v_st, const int32_t* key_pos, float scale, int causal,
                                int64_t q_offset, const float* alibi, const float* t5_table, int64_t num_buckets,
@@ -30,16 +30,18 @@ extern "C" void mbattn_prefill(const void* q, const void* k, const void* v, void
 
 namespace {
 
-bool check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, int64_t qdim) {
+// Checks q, k, v; returns attention.cpp's dtype code: 0 fp32, 1 bf16, 2 fp16.
+int check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, int64_t qdim) {
   const ScalarType dt = q.scalar_type();
-  STD_TORCH_CHECK(dt == ScalarType::Float || dt == ScalarType::BFloat16, "attention: q must be float32 or bfloat16");
+  STD_TORCH_CHECK(dt == ScalarType::Float || dt == ScalarType::BFloat16 || dt == ScalarType::Half,
+                  "attention: q must be float32, bfloat16 or float16");
   STD_TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "attention: q, k, v must share one dtype");
   STD_TORCH_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu(), "attention: q, k, v must be CPU tensors");
   STD_TORCH_CHECK(q.dim() == qdim && k.dim() == 4 && v.dim() == 4, "attention: wrong number of dimensions");
   STD_TORCH_CHECK(q.stride(qdim - 1) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
                   "attention: the last dim of q, k, v must be contiguous");
   STD_TORCH_CHECK(q.size(qdim - 1) >= 1 && q.size(qdim - 1) <= 256, "attention: head dim must be 1..256");
-  return dt == ScalarType::BFloat16;
+  return dt == ScalarType::BFloat16 ? 1 : dt == ScalarType::Half ? 2 : 0;
 }
 
 template <class T>
@@ -65,7 +67,7 @@ int64_t simd_level(int64_t cap) { return mbattn_simd_level((int)cap); }
 Tensor decode(Tensor q, Tensor k, Tensor v, Tensor key_pos, double scale, std::optional<Tensor> alibi_slopes,
               std::optional<Tensor> t5_table, std::optional<Tensor> t5_query_pos, bool t5_bidirectional,
               int64_t t5_max_distance, std::optional<Tensor> bias) {
-  const bool bf16 = check_qkv(q, k, v, 3);
+  const int dtype = check_qkv(q, k, v, 3);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   STD_TORCH_CHECK(key_pos.is_cpu(), "decode: key_pos must be a CPU tensor");
   STD_TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.size(0) == B && v.size(1) == H &&
@@ -86,7 +88,7 @@ Tensor decode(Tensor q, Tensor k, Tensor v, Tensor key_pos, double scale, std::o
   const int64_t k_st[3] = {k.stride(0), k.stride(1), k.stride(2)};
   const int64_t v_st[3] = {v.stride(0), v.stride(1), v.stride(2)};
   Tensor out = empty_cpu({B, H, D}, q.scalar_type());
-  mbattn_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), bf16, B, H, L, D, q_st, k_st, v_st,
+  mbattn_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dtype, B, H, L, D, q_st, k_st, v_st,
                 static_cast<const int32_t*>(key_pos.data_ptr()), (float)scale, ptr_or_null<float>(alibi_slopes),
                 ptr_or_null<float>(t5_table), t5_table.has_value() ? t5_table->size(0) : 0,
                 ptr_or_null<int32_t>(t5_query_pos), t5_bidirectional, t5_max_distance, ptr_or_null<float>(bias));
@@ -96,7 +98,7 @@ Tensor decode(Tensor q, Tensor k, Tensor v, Tensor key_pos, double scale, std::o
 Tensor prefill(Tensor q, Tensor k, Tensor v, Tensor key_pos, double scale, bool causal, int64_t q_offset,
                std::optional<Tensor> alibi_slopes, std::optional<Tensor> t5_table, bool t5_bidirectional,
                int64_t t5_max_distance) {
-  const bool bf16 = check_qkv(q, k, v, 4);
+  const int dtype = check_qkv(q, k, v, 4);
   STD_TORCH_CHECK(key_pos.scalar_type() == ScalarType::Int && key_pos.is_contiguous(), "prefill: key_pos int32");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), S = k.size(2);
   STD_TORCH_CHECK(key_pos.size(1) == S, "prefill: key_pos must be (B, S)");
@@ -104,7 +106,7 @@ Tensor prefill(Tensor q, Tensor k, Tensor v, Tensor key_pos, double scale, bool 
   const int64_t k_st[3] = {k.stride(0), k.stride(1), k.stride(2)};
   const int64_t v_st[3] = {v.stride(0), v.stride(1), v.stride(2)};
   Tensor out = empty_cpu({B, H, T, D}, q.scalar_type());
-  mbattn_prefill(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), bf16, B, H, T, S, D, q_st, k_st, v_st,
+  mbattn_prefill(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dtype, B, H, T, S, D, q_st, k_st, v_st,
                  static_cast<const int32_t*>(key_pos.data_ptr()), (float)scale, causal, q_offset,
                  ptr_or_null<float>(alibi_slopes), ptr_or_null<float>(t5_table),
                  t5_table.has_value() ? t5_table->size(0) : 0, t5_bidirectional, t5_max_distance);

@@ -3,6 +3,7 @@
 //   W8A8 (LLM.int8()): per-token int8 activations x int8 weights, VNNI vpdpbusd, outlier columns fused
 //   weight-only int8:  fp32 activations x int8 weights converted in-register, fp32 FMA
 //   bf16:              bf16 x bf16 with vdpbf16ps, fp32 accumulation
+//   fp16:              fp16 x fp16, widened in registers (vcvtph2ps), fp32 FMA and accumulation
 //
 // The exact semantics are the plain-PyTorch references in kernels/matmul_ref.py.
 // Plain C++ on raw pointers (no torch headers); matmul_op.cpp wraps these as torch ops.
@@ -20,10 +21,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "floats.h"
+
 #define TGT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define TGT_F __attribute__((target("avx512f,avx512bw,avx512vl")))
 #define TGT_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-#define TGT_AVX2 __attribute__((target("avx2,fma")))
+#define TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 namespace mbmm {
 
@@ -40,7 +43,10 @@ static bool cpu_avx512() {
 static bool use_vnni() { return g_cap >= 2 && cpu_avx512() && __builtin_cpu_supports("avx512vnni"); }
 static bool use_f() { return g_cap >= 2 && cpu_avx512(); }
 static bool use_bf16() { return g_cap >= 2 && cpu_avx512() && __builtin_cpu_supports("avx512bf16"); }
-static bool use_avx2() { return g_cap >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+static bool use_avx2() {  // every AVX2 CPU so far has F16C (fp16 <-> fp32); checked anyway
+  return g_cap >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
 
 // cap >= 0 sets the highest family allowed (tests run the AVX2 kernels on an AVX-512 CPU); returns the bits in use.
 int simd_level(int cap) {
@@ -49,29 +55,25 @@ int simd_level(int cap) {
          (use_avx2() ? SIMD_AVX2 : 0);
 }
 
-static inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = (uint32_t)h << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+// IEEE fp16 as its bits: a type of its own, so that the kernel templates' loads pick the fp16 conversion.
+struct Half {
+  uint16_t bits;
+};
+
+// Element types of the float tensors the ops pass in (matmul_op.cpp's dtype_code): fp32, bf16, fp16.
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+static inline float load_f(const void* p, int dt, int64_t i) {
+  return dt == DT_BF16 ? bf16_to_f32(((const uint16_t*)p)[i])
+         : dt == DT_F16 ? f16_to_f32(((const uint16_t*)p)[i])
+                        : ((const float*)p)[i];
 }
 
-// Round to nearest even, like torch's float -> bfloat16 cast.
-static inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
-
-static inline float load_f(const void* p, bool bf16, int64_t i) {
-  return bf16 ? bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
-}
-
-static inline void store_y(void* y, bool bf16, int64_t i, float v) {
-  if (bf16)
+static inline void store_y(void* y, int dt, int64_t i, float v) {
+  if (dt == DT_BF16)
     ((uint16_t*)y)[i] = f32_to_bf16(v);
+  else if (dt == DT_F16)
+    ((uint16_t*)y)[i] = f32_to_f16(v);
   else
     ((float*)y)[i] = v;
 }
@@ -250,21 +252,22 @@ TGT_AVX2 static inline float hsum_ps(__m256 v) {
 // ---------------------------------------------------------------------------------------------------------
 // W8A8: activation quantization (outlier columns recorded and zeroed), then the int8 GEMM + epilogue.
 
-// 16 elements of fp32 or bf16 at x[i:] (masked by mk) -> fp32; bf16 -> fp32 is a 16-bit shift.
-TGT_F static inline __m512 load16_as_f32(const void* x, bool bf16, int64_t i, __mmask16 mk) {
-  return bf16 ? _mm512_castsi512_ps(
-                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t*)x + i)), 16))
-              : _mm512_maskz_loadu_ps(mk, (const float*)x + i);
+// 16 elements of fp32, bf16 or fp16 (dt) at x[i:] (masked by mk) -> fp32; bf16 -> fp32 is a 16-bit shift,
+// fp16 -> fp32 one vcvtph2ps (exact).
+TGT_F static inline __m512 load16_as_f32(const void* x, int dt, int64_t i, __mmask16 mk) {
+  if (dt == DT_F32) return _mm512_maskz_loadu_ps(mk, (const float*)x + i);
+  const __m256i h = _mm256_maskz_loadu_epi16(mk, (const uint16_t*)x + i);
+  return dt == DT_F16 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 // fp32 copy of x (M, K); with cmax != nullptr also the column maxima max_m |x[m, k]| (K,), in one pass.
 // max(|x|, cmax) keeps cmax on a NaN, as the scalar std::max(cmax, |x|) does.
-TGT_F static void to_f32_colmax_avx512(const void* x, bool x_bf16, int64_t M, int64_t K, float* xf, float* cmax) {
+TGT_F static void to_f32_colmax_avx512(const void* x, int x_dt, int64_t M, int64_t K, float* xf, float* cmax) {
   for (int64_t m = 0; m < M; m++)
     for (int64_t k = 0; k < K; k += 16) {
       const __mmask16 mk = (__mmask16)tail_mask(K - k);
       const int64_t i = m * K + k;
-      const __m512 v = load16_as_f32(x, x_bf16, i, mk);
+      const __m512 v = load16_as_f32(x, x_dt, i, mk);
       _mm512_mask_storeu_ps(xf + i, mk, v);
       if (cmax)
         _mm512_mask_storeu_ps(cmax + k, mk, _mm512_max_ps(_mm512_abs_ps(v), _mm512_maskz_loadu_ps(mk, cmax + k)));
@@ -353,17 +356,17 @@ static void quant_rows_scalar(const float* xf, int64_t M, int64_t K, int8_t* q, 
 
 // xf <- fp32 x with outlier columns zeroed (M, K); xo <- the outlier values (M, n_out); q (M, K) = xq.
 // sum_x (M,), nullable, only on the AVX-512 path (the VNNI kernels need it): sum_k q[m, k].
-static void quantize_act_impl(const void* x, bool x_bf16, int64_t M, int64_t K, float threshold, int8_t* q,
+static void quantize_act_impl(const void* x, int x_dt, int64_t M, int64_t K, float threshold, int8_t* q,
                               float* s_x, std::vector<int32_t>& outl, std::vector<float>& xo, std::vector<float>& xf,
                               int32_t* sum_x = nullptr) {
   xf.resize(M * K);
   outl.clear();
   std::vector<float> cmax(threshold > 0.f ? K : 0, 0.f);  // max_m |x[m, k]|
   if (use_f()) {
-    to_f32_colmax_avx512(x, x_bf16, M, K, xf.data(), threshold > 0.f ? cmax.data() : nullptr);
+    to_f32_colmax_avx512(x, x_dt, M, K, xf.data(), threshold > 0.f ? cmax.data() : nullptr);
     if (threshold > 0.f) outlier_columns_avx512(cmax.data(), K, threshold, outl);
   } else {
-    for (int64_t i = 0; i < M * K; i++) xf[i] = load_f(x, x_bf16, i);
+    for (int64_t i = 0; i < M * K; i++) xf[i] = load_f(x, x_dt, i);
     if (threshold > 0.f) {
       for (int64_t m = 0; m < M; m++)
         for (int64_t k = 0; k < K; k++) cmax[k] = std::max(cmax[k], std::fabs(xf[m * K + k]));
@@ -404,10 +407,10 @@ void quantize_rows(const float* w, int64_t N, int64_t K, int8_t* q, float* scale
   }
 }
 
-void quantize_activations(const void* x, bool x_bf16, int64_t M, int64_t K, float threshold, int8_t* xq,
+void quantize_activations(const void* x, int x_dt, int64_t M, int64_t K, float threshold, int8_t* xq,
                           float* s_x, std::vector<int32_t>& outliers) {
   std::vector<float> xo, xf;
-  quantize_act_impl(x, x_bf16, M, K, threshold, xq, s_x, outliers, xo, xf);
+  quantize_act_impl(x, x_dt, M, K, threshold, xq, s_x, outliers, xo, xf);
 }
 
 struct W8A8 {
@@ -420,9 +423,9 @@ struct W8A8 {
   const float* xo;       // (M, n_out) their original values
   int64_t n_out;
   const void* bias;
-  bool bias_bf16;
+  int bias_dt;
   void* y;
-  bool y_bf16;
+  int y_dt;
   const int16_t* x16 = nullptr;  // (M, K) xq widened once, for the AVX2 row kernel
   int64_t xmask = 0;             // the VNNI row kernel reads x's 64-byte chunk c at chunk c ^ xmask (scramble_x)
 
@@ -434,8 +437,8 @@ struct W8A8 {
       for (int64_t j = 0; j < n_out; j++) o += xo[m * n_out + j] * ((float)w[n * K + outl[j]] * w_scale[n]);
       v += o;
     }
-    if (bias) v += load_f(bias, bias_bf16, n);
-    store_y(y, y_bf16, m * N + n, v);
+    if (bias) v += load_f(bias, bias_dt, n);
+    store_y(y, y_dt, m * N + n, v);
   }
 };
 
@@ -634,15 +637,15 @@ static void run_scrambled_rows_or_tiles(const Ctx& c) {
   }
 }
 
-void linear_w8a8(const void* x, bool x_bf16, const int8_t* w, const float* w_scale, const void* bias,
-                 bool bias_bf16, float threshold, int64_t M, int64_t N, int64_t K, void* y) {
+void linear_w8a8(const void* x, int x_dt, const int8_t* w, const float* w_scale, const void* bias,
+                 int bias_dt, float threshold, int64_t M, int64_t N, int64_t K, void* y) {
   std::vector<int8_t> q(M * K);
   std::vector<float> s_x(M), xo, xf;
   std::vector<int32_t> outl, sum_x(M, 0);
-  quantize_act_impl(x, x_bf16, M, K, threshold, q.data(), s_x.data(), outl, xo, xf,
+  quantize_act_impl(x, x_dt, M, K, threshold, q.data(), s_x.data(), outl, xo, xf,
                     use_vnni() ? sum_x.data() : nullptr);
   W8A8 c{q.data(), w, M, N, K, s_x.data(), w_scale, sum_x.data(), outl.data(), xo.data(),
-         (int64_t)outl.size(), bias, bias_bf16, y, x_bf16};
+         (int64_t)outl.size(), bias, bias_dt, y, x_dt};
   std::vector<int16_t> x16;
   if (use_vnni()) {
     run_scrambled_rows_or_tiles<W8A8Vnni>(c);
@@ -657,10 +660,12 @@ void linear_w8a8(const void* x, bool x_bf16, const int8_t* w, const float* w_sca
   }
 }
 
-// fp32-FMA tiles shared by weight-only int8 (x fp32, w int8) and bf16 (x, w bf16) on AVX2 and scalar.
+// fp32-FMA tiles shared by weight-only int8 (x fp32, w int8), fp16 (x fp32, w fp16) and bf16 (x, w bf16) on AVX2
+// and scalar.
 static inline float to_f(float v) { return v; }
 static inline float to_f(int8_t v) { return (float)v; }
 static inline float to_f(uint16_t v) { return bf16_to_f32(v); }
+static inline float to_f(Half v) { return f16_to_f32(v.bits); }
 TGT_AVX2 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 TGT_AVX2 static inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
@@ -668,6 +673,7 @@ TGT_AVX2 static inline __m256 load8(const int8_t* p) {
 TGT_AVX2 static inline __m256 load8(const uint16_t* p) {  // bf16 -> fp32 is a 16-bit shift
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
+TGT_AVX2 static inline __m256 load8(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 
 struct FmaAvx2 {
   // Rows (decode): U independent FMA chains per x row hide the FMA latency; the K % 8 tail is scalar.
@@ -763,15 +769,15 @@ struct WInt8 {
   int64_t M, N, K;
   const float* w_scale;
   const void* bias;
-  bool bias_bf16;
+  int bias_dt;
   void* y;
-  bool y_bf16;
+  int y_dt;
   int64_t xmask = 0;  // the AVX-512 row kernel reads x's 64-byte chunk c at chunk c ^ xmask (scramble_x)
 
   inline void store(int64_t m, int64_t n, float acc) const {
     float v = acc * w_scale[n];
-    if (bias) v += load_f(bias, bias_bf16, n);
-    store_y(y, y_bf16, m * N + n, v);
+    if (bias) v += load_f(bias, bias_dt, n);
+    store_y(y, y_dt, m * N + n, v);
   }
 };
 
@@ -780,6 +786,7 @@ TGT_F static inline __m512 load16(const float* p, __mmask16 mk) { return _mm512_
 TGT_F static inline __m512 load16(const int8_t* p, __mmask16 mk) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, p)));
 }
+TGT_F static inline __m512 load16(const Half* p, __mmask16 mk) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, p)); }
 
 struct FmaAvx512 {
   template <int MR, bool PF, class Ctx>
@@ -848,15 +855,15 @@ struct FmaAvx512 {
   }
 };
 
-void linear_int8_weight(const void* x, bool x_bf16, const int8_t* w, const float* w_scale, const void* bias,
-                        bool bias_bf16, int64_t M, int64_t N, int64_t K, void* y) {
+void linear_int8_weight(const void* x, int x_dt, const int8_t* w, const float* w_scale, const void* bias,
+                        int bias_dt, int64_t M, int64_t N, int64_t K, void* y) {
   std::vector<float> xf;
-  if (x_bf16) {  // (M, K) is small next to W: convert once
+  if (x_dt != DT_F32) {  // (M, K) is small next to W: convert once
     xf.resize(M * K);
-    for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(((const uint16_t*)x)[i]);
+    for (int64_t i = 0; i < M * K; i++) xf[i] = load_f(x, x_dt, i);
     x = xf.data();
   }
-  const WInt8 c{(const float*)x, w, M, N, K, w_scale, bias, bias_bf16, y, x_bf16};
+  const WInt8 c{(const float*)x, w, M, N, K, w_scale, bias, bias_dt, y, x_dt};
   if (use_f()) {
     run_scrambled_rows_or_tiles<FmaAvx512>(c);
   } else {
@@ -874,12 +881,12 @@ struct Dense {
   const T* w;  // (N, K)
   int64_t M, N, K;
   const void* bias;
-  bool bias_bf16;
+  int bias_dt;
   T* y;               // (M, N)
   int64_t xmask = 0;  // fp32: the AVX-512 row kernel reads x's 64-byte chunk c at chunk c ^ xmask (scramble_x)
 
   inline void store(int64_t m, int64_t n, float acc) const {
-    if (bias) acc += load_f(bias, bias_bf16, n);
+    if (bias) acc += load_f(bias, bias_dt, n);
     store_y(y, std::is_same<T, uint16_t>::value, m * N + n, acc);
   }
 };
@@ -942,11 +949,43 @@ struct Bf16Avx512 {
   }
 };
 
-void linear_bf16(const uint16_t* x, const uint16_t* w, const void* bias, bool bias_bf16, int64_t M, int64_t N,
+void linear_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_dt, int64_t M, int64_t N,
                  int64_t K, uint16_t* y) {
-  const Bf16 c{x, w, M, N, K, bias, bias_bf16, y};
+  const Bf16 c{x, w, M, N, K, bias, bias_dt, y};
   if (use_bf16()) {
     if (!run_rows<Bf16Avx512>(c)) run_tiles<Bf16Avx512>(c);
+  } else {
+    run_fma_fallback(c);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// fp16: y = x @ w^T (+ b), fp16 in, fp32 accumulation, fp16 out. No x86 before AVX512-FP16 multiplies fp16, so
+// each weight vector is widened in registers (vcvtph2ps, exact) and the weight-only int8 kernels' fp32 FMA runs:
+// the weights stream at 2 bytes each, as bf16's do. x (M, K), small next to W, is widened once.
+
+struct F16 {
+  const float* x;  // (M, K), x widened
+  const Half* w;   // (N, K)
+  int64_t M, N, K;
+  const void* bias;
+  int bias_dt;
+  Half* y;            // (M, N)
+  int64_t xmask = 0;  // the AVX-512 row kernel reads x's 64-byte chunk c at chunk c ^ xmask (scramble_x)
+
+  inline void store(int64_t m, int64_t n, float acc) const {
+    if (bias) acc += load_f(bias, bias_dt, n);
+    y[m * N + n].bits = f32_to_f16(acc);
+  }
+};
+
+void linear_f16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_dt, int64_t M, int64_t N,
+                int64_t K, uint16_t* y) {
+  std::vector<float> xf(M * K);
+  for (int64_t i = 0; i < M * K; i++) xf[i] = f16_to_f32(x[i]);
+  const F16 c{xf.data(), (const Half*)w, M, N, K, bias, bias_dt, (Half*)y};
+  if (use_f()) {
+    run_scrambled_rows_or_tiles<FmaAvx512>(c);
   } else {
     run_fma_fallback(c);
   }
@@ -958,9 +997,9 @@ void linear_bf16(const uint16_t* x, const uint16_t* w, const void* bias, bool bi
 
 using F32 = Dense<float>;
 
-void linear_f32(const float* x, const float* w, const void* bias, bool bias_bf16, int64_t M, int64_t N, int64_t K,
+void linear_f32(const float* x, const float* w, const void* bias, int bias_dt, int64_t M, int64_t N, int64_t K,
                 float* y) {
-  const F32 c{x, w, M, N, K, bias, bias_bf16, y};
+  const F32 c{x, w, M, N, K, bias, bias_dt, y};
   if (use_f()) {
     run_scrambled_rows_or_tiles<FmaAvx512>(c);
   } else {
@@ -974,9 +1013,9 @@ void linear_f32(const float* x, const float* w, const void* bias, bool bias_bf16
 // 250,880 logits (0.44 ms per token in fp32, 1 ms in bf16); this reads them at cache speed.
 
 // x[from:N) scanned on from the running (best, best_i): the first NaN's index, else the first index of the max.
-static int64_t argmax_scan(const void* x, bool bf16, int64_t from, int64_t N, float best, int64_t best_i) {
+static int64_t argmax_scan(const void* x, int dt, int64_t from, int64_t N, float best, int64_t best_i) {
   for (int64_t i = from; i < N; i++) {
-    const float v = load_f(x, bf16, i);
+    const float v = load_f(x, dt, i);
     if (v != v) return i;
     if (v > best) best = v, best_i = i;
   }
@@ -986,21 +1025,21 @@ static int64_t argmax_scan(const void* x, bool bf16, int64_t from, int64_t N, fl
 // 16 lanes: each keeps its running max and the vector index where it was first reached (strict >), so the
 // smallest index among the lanes holding the overall max is the first occurrence. NaNs are only detected here;
 // a row with one is rescanned by the scalar code for its first NaN.
-TGT_F static int64_t argmax_row_avx512(const void* x, bool bf16, int64_t N) {
+TGT_F static int64_t argmax_row_avx512(const void* x, int dt, int64_t N) {
   const int64_t N16 = N & ~int64_t(15);
   __m512 vmax = _mm512_set1_ps(-INFINITY);
   __m512i vidx = _mm512_setzero_si512(), cur = _mm512_setzero_si512();
   const __m512i one = _mm512_set1_epi32(1);
   __mmask16 nan = 0;
   for (int64_t i = 0; i < N16; i += 16) {
-    const __m512 v = load16_as_f32(x, bf16, i, 0xffff);
+    const __m512 v = load16_as_f32(x, dt, i, 0xffff);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);
     vmax = _mm512_mask_mov_ps(vmax, gt, v);
     vidx = _mm512_mask_mov_epi32(vidx, gt, cur);
     cur = _mm512_add_epi32(cur, one);
   }
-  if (nan) return argmax_scan(x, bf16, 0, N, -INFINITY, 0);
+  if (nan) return argmax_scan(x, dt, 0, N, -INFINITY, 0);
   alignas(64) float m[16];
   alignas(64) int32_t ix[16];
   _mm512_store_ps(m, vmax);
@@ -1011,15 +1050,15 @@ TGT_F static int64_t argmax_row_avx512(const void* x, bool bf16, int64_t N) {
     const int64_t i = (int64_t)ix[l] * 16 + l;
     if (m[l] > best || (m[l] == best && i < best_i)) best = m[l], best_i = i;
   }
-  return argmax_scan(x, bf16, N16, N, best, best_i);  // the tail comes after every vector index
+  return argmax_scan(x, dt, N16, N, best, best_i);  // the tail comes after every vector index
 }
 
-void argmax_rows(const void* x, bool bf16, int64_t M, int64_t N, int64_t* out) {
+void argmax_rows(const void* x, int dt, int64_t M, int64_t N, int64_t* out) {
   const bool simd = use_f();
 #pragma omp parallel for if (M > 1 && M * N >= (1 << 20))
   for (int64_t r = 0; r < M; r++) {
-    const void* row = bf16 ? (const void*)((const uint16_t*)x + r * N) : (const void*)((const float*)x + r * N);
-    out[r] = simd ? argmax_row_avx512(row, bf16, N) : argmax_scan(row, bf16, 0, N, -INFINITY, 0);
+    const void* row = (const char*)x + r * N * (dt == DT_F32 ? 4 : 2);
+    out[r] = simd ? argmax_row_avx512(row, dt, N) : argmax_scan(row, dt, 0, N, -INFINITY, 0);
   }
 }
 

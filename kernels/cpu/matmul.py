@@ -1,7 +1,7 @@
-"""CPU matmul kernels: LLM.int8() W8A8, weight-only int8 and bf16, y = x @ W^T (+ b) with W (N, K).
+"""CPU matmul kernels: LLM.int8() W8A8, weight-only int8, bf16, fp16 and fp32, y = x @ W^T (+ b) with W (N, K).
 
 Implements kernels/matmul_ref.py (quantize_rows_ref, linear_w8a8_ref, linear_int8_weight_ref, linear_bf16_ref,
-linear_f32_ref)
+linear_f16_ref, linear_f32_ref)
 with C kernels (matmul.cpp: AVX-512 VNNI/BF16, AVX2, scalar fallback, picked at run time; OpenMP over output
 rows) registered as torch.ops.minibloom_matmul.* through the stable ABI (matmul_op.cpp), JIT-built on first use.
 x may have leading batch dims; it is flattened to (M, K). Decode (small M) is the target: every x row is
@@ -13,6 +13,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 from . import _jit
 
@@ -23,19 +24,23 @@ _state: tuple[bool, str] | None = None
 _AVX512F, _VNNI, _BF16, _AVX2 = 1, 2, 4, 8
 
 # From this many rows of x on, the wrappers use stock ops with the same semantics (measured, MATMUL.md):
-# W8A8 -> our quantization + torch._int_mm (exact int32) + the same fp32 epilogue; bf16 and fp32 -> F.linear.
+# W8A8 -> our quantization + torch._int_mm (exact int32) + the same fp32 epilogue; bf16 and fp32 -> F.linear;
+# fp16 -> F.linear in fp32 on W widened by blocks of rows (torch's own fp16 GEMM was 1.4-2.2x slower than our
+# kernel at 1 to 512 rows; widened, fp32 MKL overtook it at 128 rows: 0.93x the time, 0.45x at 512; Zen 4.
+# AVX2 takes the same line, unmeasured).
 # Set when the kernels load, from the CPU: with AVX-512 VNNI/BF16 the stock GEMMs win from 16 rows (oneDNN's bf16
 # GEMM 7x faster at 128 rows on Sapphire Rapids); on AVX2 ours won at every row count measured (1 to 128).
 # fp32: ours below 64 rows on AVX-512 (on AMD EPYC Zen 4 it beat MKL's F.linear 1.2-3x from 1 to 32 rows, lost at
 # 64), below 256 on AVX2 (on AMD EPYC Zen 2: 1.7x at 1 row, 1.15x at 128, even at 256, lost at 512); stock
 # F.linear without SIMD kernels (0 = always stock).
 NEVER = 1 << 62
-PREFILL_MIN_ROWS = {"w8a8": NEVER, "bf16": NEVER, "int8_weight": NEVER, "f32": 0}
+PREFILL_MIN_ROWS = {"w8a8": NEVER, "bf16": NEVER, "int8_weight": NEVER, "f16": NEVER, "f32": 0}
 
 
 def _prefill_policy(simd_bits: int) -> dict:
     return {"w8a8": 16 if simd_bits & _VNNI else NEVER, "bf16": 16 if simd_bits & _BF16 else NEVER,
-            "int8_weight": NEVER, "f32": 64 if simd_bits & _AVX512F else 256 if simd_bits & _AVX2 else 0}
+            "int8_weight": NEVER, "f16": 128 if simd_bits & (_AVX512F | _AVX2) else 0,
+            "f32": 64 if simd_bits & _AVX512F else 256 if simd_bits & _AVX2 else 0}
 
 
 def _load() -> tuple[bool, str]:
@@ -107,6 +112,10 @@ def _register_fakes():
     def _(x, w, bias):
         return x.new_empty(x.shape[0], w.shape[0])
 
+    @torch.library.register_fake("minibloom_matmul::linear_f16")
+    def _(x, w, bias):
+        return x.new_empty(x.shape[0], w.shape[0])
+
     @torch.library.register_fake("minibloom_matmul::linear_f32")
     def _(x, w, bias):
         return x.new_empty(x.shape[0], w.shape[0])
@@ -147,10 +156,11 @@ def _check_vec(v, N, dtypes, fn, name):
     return v.contiguous()
 
 
-_FLOATS = (torch.float32, torch.bfloat16)
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-_DECODE_OPS = {"w8a8": "linear_w8a8", "int8_weight": "linear_int8_weight", "bf16": "linear_bf16", "f32": "linear_f32"}
+_DECODE_OPS = {"w8a8": "linear_w8a8", "int8_weight": "linear_int8_weight", "bf16": "linear_bf16",
+               "f16": "linear_f16", "f32": "linear_f32"}
 
 
 def _decode_call(kind, x, w, bias, *scale_and_extra):
@@ -200,7 +210,7 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_activations(x: torch.Tensor, threshold: float = 6.0):
-    """x (M, K) fp32|bf16 -> (xq int8 (M, K), s_x fp32 (M,), outlier columns int32): linear_w8a8's first step."""
+    """x (M, K) fp32|bf16|fp16 -> (xq int8 (M, K), s_x fp32 (M,), outlier columns int32): linear_w8a8's first step."""
     x2 = _check_x(x, x.shape[-1] if isinstance(x, torch.Tensor) else -1, _FLOATS, "quantize_activations")
     return _ops().quantize_activations(x2, float(threshold))
 
@@ -233,7 +243,7 @@ def _w8a8_int_mm(x2, wq, w_scale, bias, threshold):
 
 
 def linear_int8_weight(x, wq, w_scale, bias=None):
-    """Weight-only int8: y = (x @ wq^T) * w_scale (+ b), x fp32|bf16, fp32 accumulation, y in x's dtype."""
+    """Weight-only int8: y = (x @ wq^T) * w_scale (+ b), x fp32|bf16|fp16, fp32 accumulation, y in x's dtype."""
     if (y := _decode_call("int8_weight", x, wq, bias, w_scale)) is not None:
         return y
     x2, wq, w_scale, bias = _args("linear_int8_weight", x, wq, torch.int8, _FLOATS, bias, w_scale)
@@ -241,34 +251,50 @@ def linear_int8_weight(x, wq, w_scale, bias=None):
     return _ops().linear_int8_weight(x2, wq, w_scale, bias).reshape(*x.shape[:-1], N)
 
 
+def _linear_float(kind, x, w, bias, dtype, stock):
+    # The float kernels' wrapper: decode rows go to the op; from PREFILL_MIN_ROWS[kind] rows on, stock(x2, w, bias)
+    # computes the same thing with stock ops.
+    if (y := _decode_call(kind, x, w, bias)) is not None:
+        return y
+    x2, w, _, bias = _args(f"linear_{kind}", x, w, dtype, (dtype,), bias)
+    if x2.shape[0] >= PREFILL_MIN_ROWS[kind]:
+        y = stock(x2, w, bias)
+    else:
+        y = getattr(_ops(), _DECODE_OPS[kind])(x2, w, bias)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
 def linear_bf16(x, w, bias=None):
     """y = x @ w^T (+ b): bf16 x and w, fp32 accumulation, bf16 out."""
-    if (y := _decode_call("bf16", x, w, bias)) is not None:
-        return y
-    x2, w, _, bias = _args("linear_bf16", x, w, torch.bfloat16, (torch.bfloat16,), bias)
-    N = w.shape[0]
-    if x2.shape[0] >= PREFILL_MIN_ROWS["bf16"]:
-        y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(torch.bfloat16))
-    else:
-        y = _ops().linear_bf16(x2, w, bias)
-    return y.reshape(*x.shape[:-1], N)
+    return _linear_float("bf16", x, w, bias, torch.bfloat16,
+                         lambda x2, w, b: F.linear(x2, w, None if b is None else b.to(torch.bfloat16)))
+
+
+def linear_f16(x, w, bias=None):
+    """y = x @ w^T (+ b): fp16 x and w, fp32 accumulation, fp16 out."""
+    return _linear_float("f16", x, w, bias, torch.float16, _f16_widened)
+
+
+def _f16_widened(x2, w, bias):
+    # Prefill: the same semantics (fp32 products and sums, one rounding to fp16) through fp32 F.linear, on W
+    # widened ~4 MB of rows at a time, so that no fp32 copy of a whole matrix is ever held.
+    xf, N = x2.float(), w.shape[0]
+    y = x2.new_empty(x2.shape[0], N)                                              # (M, N) fp16
+    rows = max(1, (1 << 20) // max(w.shape[1], 1))
+    for n0 in range(0, N, rows):
+        b = None if bias is None else bias[n0:n0 + rows].float()
+        y[:, n0:n0 + rows] = F.linear(xf, w[n0:n0 + rows].float(), b)
+    return y
 
 
 def linear_f32(x, w, bias=None):
     """y = x @ w^T (+ b) in fp32: our kernel for decode rows, F.linear from PREFILL_MIN_ROWS["f32"] rows on."""
-    if (y := _decode_call("f32", x, w, bias)) is not None:
-        return y
-    x2, w, _, bias = _args("linear_f32", x, w, torch.float32, (torch.float32,), bias)
-    N = w.shape[0]
-    if x2.shape[0] >= PREFILL_MIN_ROWS["f32"]:
-        y = torch.nn.functional.linear(x2, w, None if bias is None else bias.float())
-    else:
-        y = _ops().linear_f32(x2, w, bias)
-    return y.reshape(*x.shape[:-1], N)
+    return _linear_float("f32", x, w, bias, torch.float32,
+                         lambda x2, w, b: F.linear(x2, w, None if b is None else b.float()))
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
-    """Greedy pick: x (..., V) fp32|bf16 logits -> (...,) int64, exactly torch.argmax(x, -1) (first maximum; a NaN
+    """Greedy pick: x (..., V) fp32|bf16|fp16 logits -> (...,) int64, exactly torch.argmax(x, -1) (first maximum; a NaN
     counts as the maximum). torch's CPU argmax reads lm_head's 250,880 logits at ~2 GB/s (0.4-1 ms a token)."""
     # A decode step's (B, V) logits go straight to the op, whose C++ checks guard what it reads: after a token's
     # weight stream every line of Python runs on cold caches, and the checks below cost ~80 us a token there.
@@ -278,7 +304,7 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
         except RuntimeError:
             pass
     if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dtype not in _FLOATS:
-        raise ValueError("argmax: x must be a float32 or bfloat16 CPU tensor of logits (..., V); convert it with "
+        raise ValueError("argmax: x must be a float32, bfloat16 or float16 CPU tensor of logits (..., V); convert it with "
                          "x.float().cpu(), or use torch.argmax(x, -1) elsewhere")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"argmax: x must have a non-empty last dim (the vocabulary), got shape {tuple(x.shape)}")

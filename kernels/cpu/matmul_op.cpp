@@ -19,45 +19,51 @@ using torch::headeronly::ScalarType;
 namespace mbmm {  // matmul.cpp
 int simd_level(int cap);
 void quantize_rows(const float* w, int64_t N, int64_t K, int8_t* q, float* scale);
-void quantize_activations(const void* x, bool x_bf16, int64_t M, int64_t K, float threshold, int8_t* xq,
+void quantize_activations(const void* x, int x_dt, int64_t M, int64_t K, float threshold, int8_t* xq,
                           float* s_x, std::vector<int32_t>& outliers);
-void linear_w8a8(const void* x, bool x_bf16, const int8_t* w, const float* w_scale, const void* bias,
-                 bool bias_bf16, float threshold, int64_t M, int64_t N, int64_t K, void* y);
-void linear_int8_weight(const void* x, bool x_bf16, const int8_t* w, const float* w_scale, const void* bias,
-                        bool bias_bf16, int64_t M, int64_t N, int64_t K, void* y);
-void linear_f32(const float* x, const float* w, const void* bias, bool bias_bf16, int64_t M, int64_t N, int64_t K,
+void linear_w8a8(const void* x, int x_dt, const int8_t* w, const float* w_scale, const void* bias,
+                 int bias_dt, float threshold, int64_t M, int64_t N, int64_t K, void* y);
+void linear_int8_weight(const void* x, int x_dt, const int8_t* w, const float* w_scale, const void* bias,
+                        int bias_dt, int64_t M, int64_t N, int64_t K, void* y);
+void linear_f32(const float* x, const float* w, const void* bias, int bias_dt, int64_t M, int64_t N, int64_t K,
                 float* y);
-void linear_bf16(const uint16_t* x, const uint16_t* w, const void* bias, bool bias_bf16, int64_t M, int64_t N,
+void linear_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_dt, int64_t M, int64_t N,
                  int64_t K, uint16_t* y);
-void argmax_rows(const void* x, bool bf16, int64_t M, int64_t N, int64_t* out);
+void linear_f16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_dt, int64_t M, int64_t N,
+                int64_t K, uint16_t* y);
+void argmax_rows(const void* x, int dt, int64_t M, int64_t N, int64_t* out);
 }  // namespace mbmm
 
 static bool is_bf16(const Tensor& t) { return t.scalar_type() == ScalarType::BFloat16; }
+static bool is_float(const Tensor& t) {
+  const ScalarType s = t.scalar_type();
+  return s == ScalarType::Float || s == ScalarType::BFloat16 || s == ScalarType::Half;
+}
+// matmul.cpp's element type codes: DT_F32 0, DT_BF16 1, DT_F16 2.
+static int dtype_code(const Tensor& t) { return is_bf16(t) ? 1 : t.scalar_type() == ScalarType::Half ? 2 : 0; }
 
 static void check_2d(const Tensor& t, const char* name) {
   STD_TORCH_CHECK(t.is_cpu() && t.dim() == 2 && t.is_contiguous(), name, " must be a contiguous 2-D CPU tensor");
 }
 
-// x (M, K) fp32|bf16 contiguous; returns M, K and checks w (N, K) of dtype wdt, scale (N,), bias (N,).
+// x (M, K) fp32|bf16|fp16 contiguous; returns M, K and checks w (N, K) of dtype wdt, scale (N,), bias (N,).
 static void check_args(const Tensor& x, const Tensor& w, ScalarType wdt, const Tensor* w_scale,
                        const std::optional<Tensor>& bias) {
   check_2d(x, "x");
   check_2d(w, "w");
-  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float || is_bf16(x), "x must be float32 or bfloat16");
+  STD_TORCH_CHECK(is_float(x), "x must be float32, bfloat16 or float16");
   STD_TORCH_CHECK(w.scalar_type() == wdt && w.size(1) == x.size(1), "w has the wrong dtype or K");
   if (w_scale)
     STD_TORCH_CHECK(w_scale->is_cpu() && w_scale->scalar_type() == ScalarType::Float && w_scale->is_contiguous() &&
                         w_scale->numel() == w.size(0),
                     "w_scale must be a float32 (N,) CPU tensor");
   if (bias)
-    STD_TORCH_CHECK(bias->is_cpu() && (bias->scalar_type() == ScalarType::Float || is_bf16(*bias)) &&
-                        bias->is_contiguous() &&
-                        bias->numel() == w.size(0),
-                    "bias must be a float32 or bfloat16 (N,) CPU tensor");
+    STD_TORCH_CHECK(bias->is_cpu() && is_float(*bias) && bias->is_contiguous() && bias->numel() == w.size(0),
+                    "bias must be a float32, bfloat16 or float16 (N,) CPU tensor");
 }
 
 static const void* bias_ptr(const std::optional<Tensor>& b) { return b ? b->data_ptr() : nullptr; }
-static bool bias_bf16(const std::optional<Tensor>& b) { return b && is_bf16(*b); }
+static int bias_dt(const std::optional<Tensor>& b) { return b ? dtype_code(*b) : 0; }
 
 int64_t simd_level(int64_t cap) { return mbmm::simd_level((int)cap); }
 
@@ -73,12 +79,12 @@ std::tuple<Tensor, Tensor> quantize_rows(Tensor w) {
 
 std::tuple<Tensor, Tensor, Tensor> quantize_activations(Tensor x, double threshold) {
   check_2d(x, "x");
-  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float || is_bf16(x), "x must be float32 or bfloat16");
+  STD_TORCH_CHECK(is_float(x), "x must be float32, bfloat16 or float16");
   const int64_t M = x.size(0), K = x.size(1);
   Tensor xq = empty_cpu({M, K}, ScalarType::Char);
   Tensor s_x = empty_cpu({M}, ScalarType::Float);
   std::vector<int32_t> outl;
-  mbmm::quantize_activations(x.data_ptr(), is_bf16(x), M, K, (float)threshold, (int8_t*)xq.data_ptr(),
+  mbmm::quantize_activations(x.data_ptr(), dtype_code(x), M, K, (float)threshold, (int8_t*)xq.data_ptr(),
                              (float*)s_x.data_ptr(), outl);
   Tensor o = empty_cpu({(int64_t)outl.size()}, ScalarType::Int);
   if (!outl.empty()) std::copy(outl.begin(), outl.end(), (int32_t*)o.data_ptr());
@@ -89,8 +95,8 @@ Tensor linear_w8a8(Tensor x, Tensor wq, Tensor w_scale, std::optional<Tensor> bi
   check_args(x, wq, ScalarType::Char, &w_scale, bias);
   const int64_t M = x.size(0), K = x.size(1), N = wq.size(0);
   Tensor y = empty_cpu({M, N}, x.scalar_type());
-  mbmm::linear_w8a8(x.data_ptr(), is_bf16(x), (const int8_t*)wq.data_ptr(), (const float*)w_scale.data_ptr(),
-                    bias_ptr(bias), bias_bf16(bias), (float)threshold, M, N, K, y.data_ptr());
+  mbmm::linear_w8a8(x.data_ptr(), dtype_code(x), (const int8_t*)wq.data_ptr(), (const float*)w_scale.data_ptr(),
+                    bias_ptr(bias), bias_dt(bias), (float)threshold, M, N, K, y.data_ptr());
   return y;
 }
 
@@ -98,20 +104,32 @@ Tensor linear_int8_weight(Tensor x, Tensor wq, Tensor w_scale, std::optional<Ten
   check_args(x, wq, ScalarType::Char, &w_scale, bias);
   const int64_t M = x.size(0), K = x.size(1), N = wq.size(0);
   Tensor y = empty_cpu({M, N}, x.scalar_type());
-  mbmm::linear_int8_weight(x.data_ptr(), is_bf16(x), (const int8_t*)wq.data_ptr(),
-                           (const float*)w_scale.data_ptr(), bias_ptr(bias), bias_bf16(bias), M, N, K,
+  mbmm::linear_int8_weight(x.data_ptr(), dtype_code(x), (const int8_t*)wq.data_ptr(),
+                           (const float*)w_scale.data_ptr(), bias_ptr(bias), bias_dt(bias), M, N, K,
                            y.data_ptr());
   return y;
 }
 
-Tensor linear_bf16(Tensor x, Tensor w, std::optional<Tensor> bias) {
-  check_args(x, w, ScalarType::BFloat16, nullptr, bias);
-  STD_TORCH_CHECK(is_bf16(x), "x must be bfloat16");
+// bf16 or fp16: x, w and y of one 16-bit float type, passed to the kernel as their bits.
+using Linear16 = void (*)(const uint16_t*, const uint16_t*, const void*, int, int64_t, int64_t, int64_t, uint16_t*);
+
+static Tensor linear_16(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, ScalarType dt,
+                        const char* x_message, Linear16 kernel) {
+  check_args(x, w, dt, nullptr, bias);
+  STD_TORCH_CHECK(x.scalar_type() == dt, x_message);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  Tensor y = empty_cpu({M, N}, x.scalar_type());
-  mbmm::linear_bf16((const uint16_t*)x.data_ptr(), (const uint16_t*)w.data_ptr(), bias_ptr(bias),
-                    bias_bf16(bias), M, N, K, (uint16_t*)y.data_ptr());
+  Tensor y = empty_cpu({M, N}, dt);
+  kernel((const uint16_t*)x.data_ptr(), (const uint16_t*)w.data_ptr(), bias_ptr(bias), bias_dt(bias), M, N, K,
+         (uint16_t*)y.data_ptr());
   return y;
+}
+
+Tensor linear_bf16(Tensor x, Tensor w, std::optional<Tensor> bias) {
+  return linear_16(x, w, bias, ScalarType::BFloat16, "x must be bfloat16", mbmm::linear_bf16);
+}
+
+Tensor linear_f16(Tensor x, Tensor w, std::optional<Tensor> bias) {
+  return linear_16(x, w, bias, ScalarType::Half, "x must be float16", mbmm::linear_f16);
 }
 
 Tensor linear_f32(Tensor x, Tensor w, std::optional<Tensor> bias) {
@@ -119,18 +137,18 @@ Tensor linear_f32(Tensor x, Tensor w, std::optional<Tensor> bias) {
   STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float, "x must be float32");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   Tensor y = empty_cpu({M, N}, x.scalar_type());
-  mbmm::linear_f32((const float*)x.data_ptr(), (const float*)w.data_ptr(), bias_ptr(bias), bias_bf16(bias), M, N,
+  mbmm::linear_f32((const float*)x.data_ptr(), (const float*)w.data_ptr(), bias_ptr(bias), bias_dt(bias), M, N,
                    K, (float*)y.data_ptr());
   return y;
 }
 
 Tensor argmax_rows(Tensor x) {
   check_2d(x, "x");
-  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float || is_bf16(x), "x must be float32 or bfloat16");
+  STD_TORCH_CHECK(is_float(x), "x must be float32, bfloat16 or float16");
   STD_TORCH_CHECK(x.size(1) > 0, "argmax of an empty row");
   const int64_t M = x.size(0), N = x.size(1);
   Tensor out = empty_cpu({M}, ScalarType::Long);
-  mbmm::argmax_rows(x.data_ptr(), is_bf16(x), M, N, (int64_t*)out.data_ptr());
+  mbmm::argmax_rows(x.data_ptr(), dtype_code(x), M, N, (int64_t*)out.data_ptr());
   return out;
 }
 
@@ -141,6 +159,7 @@ STABLE_TORCH_LIBRARY(minibloom_matmul, m) {
   m.def("linear_w8a8(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias, float threshold) -> Tensor");
   m.def("linear_int8_weight(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("linear_f16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
 }
@@ -151,6 +170,7 @@ STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CPU, m) {
   m.impl("linear_w8a8", TORCH_BOX(&linear_w8a8));
   m.impl("linear_int8_weight", TORCH_BOX(&linear_int8_weight));
   m.impl("linear_bf16", TORCH_BOX(&linear_bf16));
+  m.impl("linear_f16", TORCH_BOX(&linear_f16));
   m.impl("linear_f32", TORCH_BOX(&linear_f32));
   m.impl("argmax_rows", TORCH_BOX(&argmax_rows));
 }

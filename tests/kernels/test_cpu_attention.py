@@ -3,8 +3,8 @@
 Every kernel case runs on each code path this CPU can run: the scalar C code, the SIMD build for the CPU (AVX2 or
 AVX-512, with or without the AVX512_BF16 dot products) and every lower one: the AVX-512 code without AVX512_BF16,
 the AVX2 code and the AVX-512 template logic compiled for AVX2 ("avx2-w16").
-fp32: within 1e-5 of the fp32 reference. bf16: error vs the fp32 reference at most 2x the error of PyTorch's
-own bf16 path (the reference run on bf16 tensors with upcast=False) vs the same fp32 reference.
+fp32: within 1e-5 of the fp32 reference. bf16 and fp16: error vs the fp32 reference at most 2x the error of
+PyTorch's own path in that dtype (the reference run on those tensors with upcast=False) vs the same fp32 reference.
 """
 import subprocess
 import sys
@@ -81,11 +81,12 @@ def assert_close_fp32(out, ref):
     assert err <= 1e-5, f"max abs error {err:.3g} > 1e-5"
 
 
-def assert_bf16_within_2x(out, ref_fp32, ref_pt):
-    assert out.dtype == torch.bfloat16
+def assert_half_within_2x(out, ref_fp32, ref_pt, dtype):
+    """A bf16 or fp16 result: its error against fp32 math is at most 2x that of PyTorch in the same dtype."""
+    assert out.dtype == dtype
     err = (out.float() - ref_fp32).abs().max().item()
     err_pt = (ref_pt.float() - ref_fp32).abs().max().item()
-    assert err <= 2 * err_pt + 1e-6, f"kernel bf16 error {err:.3g} > 2 x PyTorch bf16 error {err_pt:.3g}"
+    assert err <= 2 * err_pt + 1e-6, f"kernel {dtype} error {err:.3g} > 2 x PyTorch's {err_pt:.3g}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -141,9 +142,10 @@ def test_decode_empty_batch_or_cache(path, B, L):
     assert out.shape == (B, 3, 64)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["alibi", "t5_causal"])
 @pytest.mark.parametrize("D", [64, 80, 96, 128])  # the bf16 layouts and vdpbf16ps need whole blocks of 16 / 32
-def test_decode_bf16_within_2x_of_torch(path, kind, D):
+def test_decode_half_within_2x_of_torch(path, kind, D, dtype):
     g = torch.Generator().manual_seed(D)
     B, H, L = 3, 12, 257
     q = torch.randn(B, H, D, generator=g)
@@ -153,11 +155,11 @@ def test_decode_bf16_within_2x_of_torch(path, kind, D):
     kw = bias_kwargs(kind, H, B, L, g)
     if "t5_table" in kw:
         kw["t5_query_pos"] = torch.full((B,), L, dtype=torch.int32)
-    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    qb, kb, vb = q.to(dtype), k.to(dtype), v.to(dtype)
     out = A.attention_decode(qb, kb, vb, key_pos, scale=D**-0.5, **kw)
-    ref = R.attention_decode_ref(qb, kb, vb, key_pos, scale=D**-0.5, **kw)  # fp32 math on the bf16 inputs
+    ref = R.attention_decode_ref(qb, kb, vb, key_pos, scale=D**-0.5, **kw)  # fp32 math on the rounded inputs
     ref_pt = R.attention_decode_ref(qb, kb, vb, key_pos, scale=D**-0.5, upcast=False, **kw)
-    assert_bf16_within_2x(out, ref, ref_pt)
+    assert_half_within_2x(out, ref, ref_pt, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,17 +205,18 @@ def test_prefill_fully_masked_rows_are_zero(path):
     assert_close_fp32(out, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["alibi", "t5_bi"])
-def test_prefill_bf16_within_2x_of_torch(path, kind):
+def test_prefill_half_within_2x_of_torch(path, kind, dtype):
     g = torch.Generator().manual_seed(3)
     B, H, T, D = 2, 4, 150, 64
-    q, k, v = (torch.randn(B, H, T, D, generator=g).bfloat16() for _ in range(3))
+    q, k, v = (torch.randn(B, H, T, D, generator=g).to(dtype) for _ in range(3))
     key_pos = positions_from_mask(ragged_mask(B, T, g))
     kw = dict(bias_kwargs(kind, H, B, T, g), causal=kind == "alibi", scale=D**-0.5)
     out = A.attention_prefill(q, k, v, key_pos, **kw)
     ref = R.attention_prefill_ref(q, k, v, key_pos, **kw)
     ref_pt = R.attention_prefill_ref(q, k, v, key_pos, upcast=False, **kw)
-    assert_bf16_within_2x(out, ref, ref_pt)
+    assert_half_within_2x(out, ref, ref_pt, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,7 +283,7 @@ def test_fake_impl_traces_under_fake_tensor_mode():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(q=torch.randn(2, 3, 64, dtype=torch.float16)), "float32 or bfloat16"),
+    (dict(q=torch.randn(2, 3, 64, dtype=torch.float64)), "float32, bfloat16 or float16"),
     (dict(k=torch.randn(2, 3, 10, 64, dtype=torch.bfloat16)), "dtypes differ"),
     (dict(k=torch.randn(2, 4, 10, 64)), "do not match"),
     (dict(key_pos=torch.zeros(2, 11, dtype=torch.int32)), "cache holds only"),

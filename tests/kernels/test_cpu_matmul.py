@@ -58,6 +58,7 @@ def test_empty_dims_equal_the_reference(path, M, N, K):
     wq, s = mm.quantize_rows(w)
     torch.testing.assert_close(mm.linear_f32(x, w, b), ref.linear_f32_ref(x, w, b))
     torch.testing.assert_close(mm.linear_bf16(x.bfloat16(), w.bfloat16(), b), ref.linear_bf16_ref(x.bfloat16(), w.bfloat16(), b))
+    torch.testing.assert_close(mm.linear_f16(x.half(), w.half(), b), ref.linear_f16_ref(x.half(), w.half(), b))
     torch.testing.assert_close(mm.linear_w8a8(x, wq, s, b), ref.linear_w8a8_ref(x, wq, s, b))
     torch.testing.assert_close(mm.linear_int8_weight(x, wq, s, b), ref.linear_int8_weight_ref(x, wq, s, b))
 
@@ -67,7 +68,7 @@ def test_empty_dims_equal_the_reference(path, M, N, K):
 @needs_ext
 @pytest.mark.parametrize("M,N,K", SHAPES)
 @pytest.mark.parametrize("threshold,outliers", [(6.0, (5, 77)), (6.0, ()), (0.0, (5,))])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_w8a8_matches_ref(path, M, N, K, threshold, outliers, dtype):
     x = _x(M, K, dtype, outliers)
     wq, ws = mm.quantize_rows(_w(N, K))
@@ -79,8 +80,8 @@ def test_w8a8_matches_ref(path, M, N, K, threshold, outliers, dtype):
     y, r = mm.linear_w8a8(x, wq, ws, bias, threshold), ref.linear_w8a8_ref(x, wq, ws, bias, threshold)
     assert y.dtype == dtype and y.shape == (M, N)
     tol = 1e-6 * r.float().abs().max().item()
-    if dtype == torch.bfloat16:                                                   # one rounding of the output
-        tol = max(tol, 2 ** -7 * r.float().abs().max().item())
+    if dtype != torch.float32:                                                    # one rounding of the output
+        tol = max(tol, (2 ** -7 if dtype == torch.bfloat16 else 2 ** -10) * r.float().abs().max().item())
     torch.testing.assert_close(y.float(), r.float(), rtol=1e-6, atol=tol)
     if not (threshold > 0 and outliers):                                          # same fp32 ops, same order
         assert torch.equal(mm.linear_w8a8(x, wq, ws, None, threshold), ref.linear_w8a8_ref(x, wq, ws, None, threshold))
@@ -123,11 +124,11 @@ def test_w8a8_outliers_reduce_error():
     assert err_with < err_without / 4
 
 
-# --- weight-only int8 and bf16 ------------------------------------------------------------------------------------
+# --- weight-only int8, bf16 and fp16 ----------------------------------------------------------------------------------
 
 @needs_ext
 @pytest.mark.parametrize("M,N,K", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_int8_weight_matches_ref(path, M, N, K, dtype):
     x = _x(M, K, dtype)
     wq, ws = mm.quantize_rows(_w(N, K))
@@ -135,24 +136,59 @@ def test_int8_weight_matches_ref(path, M, N, K, dtype):
     y, r = mm.linear_int8_weight(x, wq, ws, bias), ref.linear_int8_weight_ref(x, wq, ws, bias)
     assert y.dtype == dtype and y.shape == (M, N)
     scale = r.float().abs().max().item()
-    rtol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5                           # fp32 summation order
+    rtol = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}.get(dtype, 1e-5)  # one rounding; fp32 sum order
     torch.testing.assert_close(y.float(), r.float(), rtol=rtol, atol=rtol * scale)
 
 
 @needs_ext
 @pytest.mark.parametrize("M,N,K", SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_bf16_within_2x_torch_error(path, M, N, K, with_bias):
-    x, w = _x(M, K, torch.bfloat16), _w(N, K).bfloat16()
-    bias = torch.randn(N).bfloat16() if with_bias else None
-    y = mm.linear_bf16(x, w, bias)
-    assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_within_2x_torch_error(path, M, N, K, with_bias, dtype):
+    linear, linear_ref, ulp = {torch.bfloat16: (mm.linear_bf16, ref.linear_bf16_ref, 2 ** -7),
+                               torch.float16: (mm.linear_f16, ref.linear_f16_ref, 2 ** -10)}[dtype]
+    x, w = _x(M, K, dtype), _w(N, K).to(dtype)
+    bias = torch.randn(N).to(dtype) if with_bias else None
+    y = linear(x, w, bias)
+    assert y.dtype == dtype and y.shape == (M, N)
     y32 = F.linear(x.float(), w.float(), None if bias is None else bias.float())
     err_kernel = (y.float() - y32).abs().max().item()
     err_torch = (F.linear(x, w, bias).float() - y32).abs().max().item()
     assert err_kernel <= 2 * err_torch + 1e-6
-    r = ref.linear_bf16_ref(x, w, bias).float()
-    torch.testing.assert_close(y.float(), r, rtol=2 ** -7, atol=2 ** -7 * r.abs().max().item())
+    r = linear_ref(x, w, bias).float()
+    torch.testing.assert_close(y.float(), r, rtol=ulp, atol=ulp * r.abs().max().item())
+
+
+@needs_ext
+@pytest.mark.parametrize("M", [1, 130])
+def test_f16_prefill_widened_path_same_semantics(M):
+    # From PREFILL_MIN_ROWS["f16"] rows on, F.linear in fp32 on W widened by blocks of rows (3 blocks here).
+    x, w, bias = _x(M, 2048, torch.float16), _w(1100, 2048).half(), torch.randn(1100).half()
+    r = ref.linear_f16_ref(x, w, bias).float()
+    for y in (mm._f16_widened(x, w, bias), mm.linear_f16(x, w, bias)):
+        assert y.dtype == torch.float16 and y.shape == (M, 1100)
+        torch.testing.assert_close(y.float(), r, rtol=2 ** -10, atol=2 ** -10 * r.abs().max().item())
+
+
+@needs_ext
+def test_f16_conversions_are_torchs(path):
+    # Every fp16 bit pattern widens exactly and rounds back to itself (1.0 * w, K = 1); fp32 values round to
+    # fp16 as torch rounds them (0 * w + bias): tiny, subnormal, halfway, overflowing, infinite. NaN stays NaN.
+    # The one exception is -0.0, which comes out +0.0: the fp32 sums start from +0.0, as the bf16 kernel's do.
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    y = mm.linear_f16(torch.ones(1, 1, dtype=torch.float16), every[:, None])[0]
+    g = torch.Generator().manual_seed(0)
+    floats = torch.cat([torch.randn(20000, generator=g) * 10.0 ** torch.randint(-9, 6, (20000,), generator=g),
+                        torch.tensor([65504.0, 65519.99, 65520.0, 1e10, float("inf"), -float("inf"), 2.0 ** -24,
+                                      2.0 ** -25, 1.5 * 2.0 ** -25, 2.0 ** -26, 1 + 2 ** -11, 1 + 3 * 2 ** -11,
+                                      float("nan")])])
+    z = mm.linear_f16(torch.ones(1, 1, dtype=torch.float16), torch.zeros(len(floats), 1, dtype=torch.float16),
+                      floats)[0]
+    for got, want in ((y, every), (z, floats.half())):
+        nan, neg0 = want.isnan(), (want == 0) & want.signbit()
+        assert got[nan].isnan().all()
+        keep = ~nan & ~neg0
+        assert torch.equal(got[keep].view(torch.int16), want[keep].view(torch.int16))
 
 
 @needs_ext
@@ -179,6 +215,7 @@ def test_leading_batch_dims_and_simd_switch():
     assert mm.linear_w8a8(x, wq, ws).shape == (2, 3, 9)
     assert mm.linear_int8_weight(x, wq, ws).shape == (2, 3, 9)
     assert mm.linear_bf16(x.bfloat16(), _w(9, 40).bfloat16()).shape == (2, 3, 9)
+    assert mm.linear_f16(x.half(), _w(9, 40).half()).shape == (2, 3, 9)
     assert mm.linear_f32(x, _w(9, 40)).shape == (2, 3, 9)
     mm.set_force_scalar(True)
     try:
@@ -206,12 +243,16 @@ def test_validation_errors():
         mm.linear_bf16(x, _w(8, 16).bfloat16())
     with pytest.raises(ValueError, match="x must be float32"):
         mm.linear_f32(x.bfloat16(), _w(8, 16))
+    with pytest.raises(ValueError, match="x must be float16"):
+        mm.linear_f16(x.bfloat16(), _w(8, 16).half())
+    with pytest.raises(ValueError, match="w must be a 2-D torch.float16"):
+        mm.linear_f16(x.half(), _w(8, 16).bfloat16())
     with pytest.raises(ValueError, match="floating-point"):
         mm.quantize_rows(wq)
 
 
 @needs_ext
-@pytest.mark.parametrize("fn", ["w8a8", "int8_weight", "bf16", "f32"])
+@pytest.mark.parametrize("fn", ["w8a8", "int8_weight", "bf16", "f16", "f32"])
 def test_decode_fast_path_still_names_the_mistake(fn):
     # Decode calls skip the Python checks and rely on the op's own; every mistake must still end in the message.
     w = _w(8, 16)
@@ -219,6 +260,7 @@ def test_decode_fast_path_still_names_the_mistake(fn):
     call = {"w8a8": lambda x, b=None, s=ws: mm.linear_w8a8(x, wq, s, b),
             "int8_weight": lambda x, b=None, s=ws: mm.linear_int8_weight(x, wq, s, b),
             "bf16": lambda x, b=None, s=None: mm.linear_bf16(x.bfloat16(), w.bfloat16(), b),
+            "f16": lambda x, b=None, s=None: mm.linear_f16(x.half(), w.half(), b),
             "f32": lambda x, b=None, s=None: mm.linear_f32(x, w, b)}[fn]
     x = _x(1, 16)
     with pytest.raises(ValueError, match="last dim"):
@@ -272,6 +314,8 @@ def test_fake_impls_trace_under_fake_tensor_mode():
         assert ops.linear_w8a8(xb, wq, ws, None, 6.0).dtype == torch.bfloat16
         assert ops.linear_int8_weight(x, wq, ws, ws).shape == (3, 10)
         assert ops.linear_bf16(xb, wb, None).dtype == torch.bfloat16
+        xh, wh = torch.empty(3, 64, dtype=torch.float16), torch.empty(10, 64, dtype=torch.float16)
+        assert ops.linear_f16(xh, wh, None).shape == (3, 10) and ops.linear_f16(xh, wh, None).dtype == torch.float16
         assert ops.linear_f32(x, torch.empty(10, 64), None).shape == (3, 10)
         xq, s_x, outl = ops.quantize_activations(x, 6.0)
         assert xq.shape == (3, 64) and xq.dtype == torch.int8 and s_x.shape == (3,) and outl.dtype == torch.int32
@@ -291,7 +335,7 @@ def test_unavailable_extension_reports_reason(monkeypatch):
 
 
 @pytest.mark.parametrize("N", [1, 15, 16, 17, 250880])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_argmax_equals_torch(path, N, dtype):
     g = torch.Generator().manual_seed(N)
     x = torch.randn(3, N, generator=g).to(dtype)
@@ -299,7 +343,7 @@ def test_argmax_equals_torch(path, N, dtype):
     assert torch.equal(mm.argmax(x[0]), ref.argmax_ref(x[0]))                       # (V,) -> ()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_argmax_ties_infinities_and_nans_as_torch(path, dtype):
     N = 1000
     rows = torch.zeros(7, N)
@@ -323,8 +367,8 @@ def test_argmax_of_a_strided_view_as_torch():
 
 
 def test_argmax_validation():
-    with pytest.raises(ValueError, match="float32 or bfloat16"):
-        mm.argmax(torch.zeros(2, 5, dtype=torch.float16))
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        mm.argmax(torch.zeros(2, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="non-empty last dim"):
         mm.argmax(torch.zeros(2, 0))
 
