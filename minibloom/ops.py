@@ -142,6 +142,11 @@ _MADV_HUGEPAGE = 14  # Linux
 _libc = None
 
 
+def huge_pages_wanted() -> bool:
+    """Whether to ask Linux for 2 MiB pages (MINIBLOOM_HUGE_PAGES=0 says no)."""
+    return sys.platform.startswith("linux") and os.environ.get("MINIBLOOM_HUGE_PAGES", "1") != "0"
+
+
 def empty_huge(shape, dtype, device) -> torch.Tensor:
     """torch.empty in its own fresh mapping, 2 MiB-aligned and advised MADV_HUGEPAGE before anything touches it
     (CPU, Linux, 2 MiB or more; the tail past the last whole 2 MiB stays in 4 KiB pages).
@@ -155,8 +160,7 @@ def empty_huge(shape, dtype, device) -> torch.Tensor:
     shape = tuple(shape)
     nbytes = math.prod(shape) * dtype.itemsize
     device = torch.device(device)
-    if (device.type != "cpu" or nbytes < HUGE_PAGE or not sys.platform.startswith("linux")
-            or os.environ.get("MINIBLOOM_HUGE_PAGES", "1") == "0"):
+    if device.type != "cpu" or nbytes < HUGE_PAGE or not huge_pages_wanted():
         return torch.empty(shape, dtype=dtype, device=device)
     import ctypes
     import mmap

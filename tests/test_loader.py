@@ -1,5 +1,6 @@
 """Loading: key layouts, shards, config spellings, dtypes, memory mapping, and every error a user can cause."""
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -189,8 +190,8 @@ def test_bad_backend():
         minibloom.load(bloom_checkpoint(TINY_BLOOM), backend="fast")
 
 
-def _thp_eligible(ptr: int) -> bool | None:
-    """THPeligible of the mapping that holds ptr (/proc/self/smaps), None where the kernel does not say."""
+def _smaps_field(ptr: int, field: str) -> str | None:
+    """A field (e.g. VmFlags) of the mapping that holds ptr, from /proc/self/smaps; None where absent."""
     try:
         lines = open("/proc/self/smaps").read().splitlines()
     except OSError:
@@ -201,9 +202,30 @@ def _thp_eligible(ptr: int) -> bool | None:
         if "-" in head and all(c in "0123456789abcdef-" for c in head):
             lo, hi = (int(x, 16) for x in head.split("-"))
             inside = lo <= ptr < hi
-        elif inside and line.startswith("THPeligible:"):
-            return line.split()[1] == "1"
+        elif inside and line.startswith(field + ":"):
+            return line.split(":", 1)[1].strip()
     return None
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+                    reason="no transparent huge pages in this kernel")
+@pytest.mark.parametrize("wanted", [True, False])
+def test_file_views_are_advised_for_huge_pages(monkeypatch, wanted):
+    """Weights loaded in the file's own dtype stay views of the file; the mapping asks for huge pages (VmFlags
+    "hg") unless MINIBLOOM_HUGE_PAGES=0."""
+    if not wanted:
+        monkeypatch.setenv("MINIBLOOM_HUGE_PAGES", "0")
+    folder = bloom_checkpoint(dict(TINY_BLOOM, vocab_size=40000, hidden_size=64), dtype=torch.float16)
+    lm = minibloom.load(folder, dtype="float16")
+    flags = _smaps_field(lm.model.word_embeddings.weight.data_ptr(), "VmFlags")
+    assert flags is not None
+    assert ("hg" in flags.split()) == wanted, flags
+
+
+def _thp_eligible(ptr: int) -> bool | None:
+    """THPeligible of the mapping that holds ptr, None where the kernel does not say."""
+    v = _smaps_field(ptr, "THPeligible")
+    return None if v is None else v == "1"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux memory advice")
@@ -216,7 +238,7 @@ def test_streamed_memory_is_aligned_and_advised_for_huge_pages():
     small = ops.empty_huge((10,), torch.int8, "cpu")                      # below 2 MiB: a plain tensor
     assert small.shape == (10,)
     thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read() if \
-        __import__("os").path.exists("/sys/kernel/mm/transparent_hugepage/enabled") else "[never]"
+        os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled") else "[never]"
     if "[never]" not in thp:
         assert _thp_eligible(t.data_ptr()) in (True, None)
     # what decoding streams goes through it: quantized weights, converted float weights, the KV cache
