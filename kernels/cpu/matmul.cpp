@@ -787,6 +787,9 @@ TGT_F static inline __m512 load16(const int8_t* p, __mmask16 mk) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, p)));
 }
 TGT_F static inline __m512 load16(const Half* p, __mmask16 mk) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, p)); }
+// 16 whole elements of x: fp32 as they are, fp16 widened (x stays fp16 for the fp16 kernel, see below).
+TGT_F static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+TGT_F static inline __m512 load16(const Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 
 struct FmaAvx512 {
   template <int MR, bool PF, class Ctx>
@@ -816,14 +819,14 @@ struct FmaAvx512 {
           const int64_t xk = SCRAMBLED ? (((k >> 4) + u) ^ c.xmask) << 4 : k + 16 * u;  // x's chunk for it
 #pragma GCC unroll 8
           for (int i = 0; i < MR; i++)
-            acc[i][u] = _mm512_fmadd_ps(_mm512_loadu_ps(c.x + i * c.K + xk), wv, acc[i][u]);
+            acc[i][u] = _mm512_fmadd_ps(load16(c.x + i * c.K + xk), wv, acc[i][u]);
         }
       }
       for (; k < c.K; k += 16) {
         const __mmask16 mk = (__mmask16)tail_mask(c.K - k);
         const __m512 wv = load16(w + k, mk);
         for (int i = 0; i < MR; i++)
-          acc[i][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, c.x + i * c.K + k), wv, acc[i][0]);
+          acc[i][0] = _mm512_fmadd_ps(load16(c.x + i * c.K + k, mk), wv, acc[i][0]);
       }
       for (int i = 0; i < MR; i++) {
         for (int u = 1; u < U; u++) acc[i][0] = _mm512_add_ps(acc[i][0], acc[i][u]);
@@ -845,7 +848,7 @@ struct FmaAvx512 {
       for (int j = 0; j < NR; j++) wv[j] = load16(wr_[j] + k, mk);
 #pragma GCC unroll 8
       for (int i = 0; i < MR; i++) {
-        const __m512 xv = _mm512_maskz_loadu_ps(mk, xr_[i] + k);
+        const __m512 xv = load16(xr_[i] + k, mk);
 #pragma GCC unroll 8
         for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
       }
@@ -961,17 +964,19 @@ void linear_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bia
 
 // ---------------------------------------------------------------------------------------------------------
 // fp16: y = x @ w^T (+ b), fp16 in, fp32 accumulation, fp16 out. No x86 before AVX512-FP16 multiplies fp16, so
-// each weight vector is widened in registers (vcvtph2ps, exact) and the weight-only int8 kernels' fp32 FMA runs:
-// the weights stream at 2 bytes each, as bf16's do. x (M, K), small next to W, is widened once.
+// each vector of weights and of x is widened in registers (vcvtph2ps, exact) and the weight-only int8 kernels'
+// fp32 FMA runs: the weights stream at 2 bytes each, as bf16's do. x stays fp16: widened once into an fp32 copy,
+// a 16 KiB x (K = 4096) beside each 8 KiB weight row made that layer read 1.15-1.3x slower (MATMUL.md). Its
+// chunks are not scrambled either: scramble_x's chunk order is defined for fp32 x.
 
 struct F16 {
-  const float* x;  // (M, K), x widened
-  const Half* w;   // (N, K)
+  const Half* x;  // (M, K)
+  const Half* w;  // (N, K)
   int64_t M, N, K;
   const void* bias;
   int bias_dt;
-  Half* y;            // (M, N)
-  int64_t xmask = 0;  // the AVX-512 row kernel reads x's 64-byte chunk c at chunk c ^ xmask (scramble_x)
+  Half* y;  // (M, N)
+  int64_t xmask = 0;
 
   inline void store(int64_t m, int64_t n, float acc) const {
     if (bias) acc += load_f(bias, bias_dt, n);
@@ -981,11 +986,9 @@ struct F16 {
 
 void linear_f16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_dt, int64_t M, int64_t N,
                 int64_t K, uint16_t* y) {
-  std::vector<float> xf(M * K);
-  for (int64_t i = 0; i < M * K; i++) xf[i] = f16_to_f32(x[i]);
-  const F16 c{xf.data(), (const Half*)w, M, N, K, bias, bias_dt, (Half*)y};
+  const F16 c{(const Half*)x, (const Half*)w, M, N, K, bias, bias_dt, (Half*)y};
   if (use_f()) {
-    run_scrambled_rows_or_tiles<FmaAvx512>(c);
+    if (!run_rows<FmaAvx512>(c)) run_tiles<FmaAvx512>(c);
   } else {
     run_fma_fallback(c);
   }

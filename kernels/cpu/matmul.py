@@ -26,8 +26,8 @@ _AVX512F, _VNNI, _BF16, _AVX2 = 1, 2, 4, 8
 # From this many rows of x on, the wrappers use stock ops with the same semantics (measured, MATMUL.md):
 # W8A8 -> our quantization + torch._int_mm (exact int32) + the same fp32 epilogue; bf16 and fp32 -> F.linear;
 # fp16 -> F.linear in fp32 on W widened by blocks of rows (torch's own fp16 GEMM was 1.4-2.2x slower than our
-# kernel at 1 to 512 rows; widened, fp32 MKL overtook it at 128 rows: 0.93x the time, 0.45x at 512; Zen 4.
-# AVX2 takes the same line, unmeasured).
+# kernel at 1 to 512 rows; widened ~4 MB at a time, fp32 MKL took 1.23-1.29x our time at 16 rows, 0.90-0.95x at
+# 32, 0.69x at 64, 0.5x at 512; one hot 4096x1024 layer, Zen 4. AVX2 takes the same line, unmeasured).
 # Set when the kernels load, from the CPU: with AVX-512 VNNI/BF16 the stock GEMMs win from 16 rows (oneDNN's bf16
 # GEMM 7x faster at 128 rows on Sapphire Rapids); on AVX2 ours won at every row count measured (1 to 128).
 # fp32: ours below 64 rows on AVX-512 (on AMD EPYC Zen 4 it beat MKL's F.linear 1.2-3x from 1 to 32 rows, lost at
@@ -39,7 +39,7 @@ PREFILL_MIN_ROWS = {"w8a8": NEVER, "bf16": NEVER, "int8_weight": NEVER, "f16": N
 
 def _prefill_policy(simd_bits: int) -> dict:
     return {"w8a8": 16 if simd_bits & _VNNI else NEVER, "bf16": 16 if simd_bits & _BF16 else NEVER,
-            "int8_weight": NEVER, "f16": 128 if simd_bits & (_AVX512F | _AVX2) else 0,
+            "int8_weight": NEVER, "f16": 32 if simd_bits & (_AVX512F | _AVX2) else 0,
             "f32": 64 if simd_bits & _AVX512F else 256 if simd_bits & _AVX2 else 0}
 
 
