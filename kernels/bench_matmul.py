@@ -69,6 +69,8 @@ def variants():
         "ours fp32": (lambda w: w, lambda x, w: mm.linear_f32(x, w), torch.float32, False),
         "bf16 F.linear": (lambda w: w.bfloat16(), lambda x, w: F.linear(x, w), torch.bfloat16, False),
         "ours bf16": (lambda w: w.bfloat16(), lambda x, w: mm.linear_bf16(x, w), torch.bfloat16, False),
+        "fp16 F.linear": (lambda w: w.half(), lambda x, w: F.linear(x, w), torch.float16, False),
+        "ours fp16": (lambda w: w.half(), lambda x, w: mm.linear_f16(x, w), torch.float16, False),
         "torch._int_mm (+torch quant)": (q, lambda x, s: _int_mm_linear(x, *s), torch.float32, False),
         "fbgemm dynamic int8": (fbgemm, lambda x, p: torch.ops.quantized.linear_dynamic(x, p), torch.float32, False),
         "ours W8A8, no outliers": (q, lambda x, s: mm.linear_w8a8(x, *s, threshold=6.0), torch.float32, False),
@@ -114,12 +116,13 @@ def crossover(rows=(1, 4, 8, 16, 32, 64, 128), N=4096, K=1024, reps=15, only=())
     matmul.PREFILL_MIN_ROWS."""
     w = torch.randn(N, K) * 0.02
     wq, ws = mm.quantize_rows(w)
-    wb = w.bfloat16()
+    wb, wh = w.bfloat16(), w.half()
     pairs = {
         "w8a8": (lambda x: mm._ops().linear_w8a8(x, wq, ws, None, 6.0), lambda x: mm._w8a8_int_mm(x, wq, ws, None, 6.0),
                  torch.float32),
         "bf16": (lambda x: mm._ops().linear_bf16(x, wb, None), lambda x: F.linear(x, wb), torch.bfloat16),
         "f32": (lambda x: mm._ops().linear_f32(x, w, None), lambda x: F.linear(x, w), torch.float32),
+        "f16": (lambda x: mm._ops().linear_f16(x, wh, None), lambda x: mm._f16_widened(x, wh, None), torch.float16),
     }
     for name, (ours, stock, dtype) in pairs.items():
         if only and name not in only:
@@ -160,7 +163,7 @@ def main():
     lm_head = not a.prefill
     n_w = sum(N * K for N, K in _shapes(24, lm_head))
     print(f"M={M}, {'24 layers + lm_head' if lm_head else '24 layers'}: {n_w / 1e6:.1f} M weights; floor at "
-          f"{bw:.1f} GB/s: int8 {n_w / bw / 1e6:.2f} ms, bf16 {2 * n_w / bw / 1e6:.2f} ms, "
+          f"{bw:.1f} GB/s: int8 {n_w / bw / 1e6:.2f} ms, bf16/fp16 {2 * n_w / bw / 1e6:.2f} ms, "
           f"fp32 {4 * n_w / bw / 1e6:.2f} ms")
     bench(names, M, 24, lm_head, a.reps)
 
