@@ -786,7 +786,9 @@ TGT_F static inline __m512 load16(const float* p, __mmask16 mk) { return _mm512_
 TGT_F static inline __m512 load16(const int8_t* p, __mmask16 mk) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, p)));
 }
-TGT_F static inline __m512 load16(const Half* p, __mmask16 mk) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, p)); }
+TGT_F static inline __m512 load16(const Half* p, __mmask16 mk) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, p));
+}
 // 16 whole elements of x: fp32 as they are, fp16 widened (x stays fp16 for the fp16 kernel, see below).
 TGT_F static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 TGT_F static inline __m512 load16(const Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }

@@ -304,8 +304,8 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
         except RuntimeError:
             pass
     if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dtype not in _FLOATS:
-        raise ValueError("argmax: x must be a float32, bfloat16 or float16 CPU tensor of logits (..., V); convert it with "
-                         "x.float().cpu(), or use torch.argmax(x, -1) elsewhere")
+        raise ValueError("argmax: x must be a float32, bfloat16 or float16 CPU tensor of logits (..., V); convert "
+                         "it with x.float().cpu(), or use torch.argmax(x, -1) elsewhere")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"argmax: x must have a non-empty last dim (the vocabulary), got shape {tuple(x.shape)}")
     return _ops().argmax_rows(x.reshape(-1, x.shape[-1]).contiguous()).view(x.shape[:-1])
