@@ -118,7 +118,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--dtype", default="float32,bfloat16", help="comma-separated: float32, bfloat16, float16")
     args = ap.parse_args()
+    if bad := [n for n in args.dtype.split(",") if n not in ("float32", "bfloat16", "float16")]:
+        ap.error(f"--dtype: unknown {', '.join(bad)}; use float32, bfloat16 or float16")
+    dtypes = [getattr(torch, name) for name in args.dtype.split(",")]
     torch.set_num_threads(args.threads)
     ok, why = A.available()
     if not ok:
@@ -129,7 +133,7 @@ def main():
     print("decode, 24 layers cold, per token (ms); floor = KV bytes at the read rate measured between our reps")
     print("| S | dtype | KV MB | floor | floor GB/s | ours | ours/floor | SDPA+mask | naive | load |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         for S in (512, 1024, 2048):
             kv, floor, t = bench_decode(S, dtype, args.reps)
             print(f"| {S} | {str(dtype)[6:]} | {kv / 1e6:.0f} | {floor:.2f} | {kv / floor / 1e6:.1f} | {t['ours']:.2f} | "
@@ -137,7 +141,7 @@ def main():
     print("\nprefill, causal ALiBi, B=1 H=16 D=64 (ms)")
     print("| T | dtype | ours | SDPA+mask | SDPA+mask build | speedup vs SDPA+mask | SDPA causal, no ALiBi | load |")
     print("|---|---|---|---|---|---|---|---|")
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         for T in (512, 1024):
             t = bench_prefill(T, dtype, max(3, args.reps // 2))
             print(f"| {T} | {str(dtype)[6:]} | {t['ours']:.1f} | {t['sdpa_mask']:.1f} | {t['sdpa_mask_build']:.1f} | "
