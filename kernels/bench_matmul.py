@@ -121,7 +121,7 @@ def crossover(rows=(1, 4, 8, 16, 32, 64, 128), N=4096, K=1024, reps=15, only=())
         "w8a8": (lambda x: mm._ops().linear_w8a8(x, wq, ws, None, 6.0), lambda x: mm._w8a8_int_mm(x, wq, ws, None, 6.0),
                  torch.float32),
         "bf16": (lambda x: mm._ops().linear_bf16(x, wb, None), lambda x: F.linear(x, wb), torch.bfloat16),
-        "f32": (lambda x: mm._ops().linear_f32(x, w, None), lambda x: F.linear(x, w), torch.float32),
+        "f32": (lambda x: mm._ops().linear_f32(x, w, None), lambda x: mm.gemm_f32(x, w), torch.float32),
         "f16": (lambda x: mm._ops().linear_f16(x, wh, None), lambda x: mm._f16_widened(x, wh, None), torch.float16),
     }
     for name, (ours, stock, dtype) in pairs.items():

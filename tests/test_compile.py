@@ -57,14 +57,16 @@ def test_compiled_fp16_step_close_to_eager(folders, arch):
     assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
 
 
-def test_compiled_int8_step_with_as_many_rows_as_a_prefill(folders):
-    """From PREFILL_MIN_ROWS["w8a8"] rows on, W8A8 runs torch._int_mm plus the outlier columns; traced, that path
-    must not branch on how many outlier columns the data has (a graph break, so an error with fullgraph)."""
+@pytest.mark.parametrize("quantize,kind", [("int8", "w8a8"), (None, "f32")])
+def test_compiled_step_with_as_many_rows_as_a_prefill(folders, quantize, kind):
+    """From PREFILL_MIN_ROWS rows on, the wrappers run stock ops: W8A8 torch._int_mm plus the outlier columns,
+    which traced must not branch on how many outlier columns the data has (a graph break, so an error with
+    fullgraph); fp32 oneDNN's GEMM (gemm_f32)."""
     from minibloom.kernels.cpu import matmul as mm
     torch._dynamo.reset()
-    kw = dict(dtype="float32", backend="fused", quantize="int8")
-    rows = 9                                                             # B = 18 >= 16 (with VNNI)
-    assert mm.PREFILL_MIN_ROWS["w8a8"] > 16 or 2 * rows >= mm.PREFILL_MIN_ROWS["w8a8"]
+    kw = dict(dtype="float32", backend="fused", quantize=quantize)
+    rows = 9                                                             # B = 18 >= 16 (with VNNI / AVX-512)
+    assert mm.PREFILL_MIN_ROWS[kind] > 16 or 2 * rows >= mm.PREFILL_MIN_ROWS[kind]
     eager = _steps(minibloom.load(folders["bloom"], **kw), 3, rows)
     compiled = _steps(minibloom.load(folders["bloom"], compile=True, **kw), 3, rows)
     assert torch.equal(compiled.argmax(-1), eager.argmax(-1))

@@ -24,23 +24,53 @@ _state: tuple[bool, str] | None = None
 _AVX512F, _VNNI, _BF16, _AVX2 = 1, 2, 4, 8
 
 # From this many rows of x on, the wrappers use stock ops with the same semantics (measured, MATMUL.md):
-# W8A8 -> our quantization + torch._int_mm (exact int32) + the same fp32 epilogue; bf16 and fp32 -> F.linear;
-# fp16 -> F.linear in fp32 on W widened by blocks of rows (torch's own fp16 GEMM was 1.4-2.2x slower than our
-# kernel at 1 to 512 rows; widened ~4 MB at a time, fp32 MKL took 1.23-1.29x our time at 16 rows, 0.90-0.95x at
-# 32, 0.69x at 64, 0.5x at 512; one hot 4096x1024 layer, Zen 4. AVX2 takes the same line, unmeasured).
-# Set when the kernels load, from the CPU: with AVX-512 VNNI/BF16 the stock GEMMs win from 16 rows (oneDNN's bf16
-# GEMM 7x faster at 128 rows on Sapphire Rapids); on AVX2 ours won at every row count measured (1 to 128).
-# fp32: ours below 64 rows on AVX-512 (on AMD EPYC Zen 4 it beat MKL's F.linear 1.2-3x from 1 to 32 rows, lost at
-# 64), below 256 on AVX2 (on AMD EPYC Zen 2: 1.7x at 1 row, 1.15x at 128, even at 256, lost at 512); stock
-# F.linear without SIMD kernels (0 = always stock).
+# W8A8 -> our quantization + torch._int_mm (exact int32) + the same fp32 epilogue; bf16 -> F.linear (oneDNN);
+# fp32 -> gemm_f32 below; fp16 -> gemm_f32 on W widened ~4 MB of rows at a time (torch's own fp16 GEMM was 1.4-2.2x
+# slower than our kernel at 1 to 512 rows).
+# Set when the kernels load, from the CPU: with AVX-512 VNNI/BF16 the stock int8 and bf16 GEMMs win from 16 rows
+# (oneDNN's bf16 GEMM 7x faster at 128 rows on Sapphire Rapids); on AVX2 ours won at every row count measured (1 to
+# 128). fp32 and fp16 on AVX-512 (one hot 4096x1024 layer, Zen 4, against oneDNN's fp32 GEMM): fp32 ours 1.6x
+# slower at 8 rows, 2.1x at 16; fp16 ours 0.7x at 8 rows, 1.1x at 16, 1.9x at 32. On AVX2, fp32 from 256 rows
+# (Zen 2, against MKL's F.linear: ours 1.7x faster at 1 row, 1.15x at 128, even at 256); fp16 takes 16 there too,
+# unmeasured. Without SIMD kernels, always stock (0).
 NEVER = 1 << 62
 PREFILL_MIN_ROWS = {"w8a8": NEVER, "bf16": NEVER, "int8_weight": NEVER, "f16": NEVER, "f32": 0}
 
 
 def _prefill_policy(simd_bits: int) -> dict:
     return {"w8a8": 16 if simd_bits & _VNNI else NEVER, "bf16": 16 if simd_bits & _BF16 else NEVER,
-            "int8_weight": NEVER, "f16": 32 if simd_bits & (_AVX512F | _AVX2) else 0,
-            "f32": 64 if simd_bits & _AVX512F else 256 if simd_bits & _AVX2 else 0}
+            "int8_weight": NEVER, "f16": 16 if simd_bits & (_AVX512F | _AVX2) else 0,
+            "f32": 16 if simd_bits & _AVX512F else 256 if simd_bits & _AVX2 else 0}
+
+
+def _onednn_linear():
+    # oneDNN's fp32 GEMM, as inductor calls it (dense weights, no prepacking); None where torch has no oneDNN.
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _onednn_linear()
+
+
+def gemm_f32(x2, w, bias=None):
+    """y = x2 @ w^T (+ b) in fp32 for many rows: oneDNN's GEMM where torch has it (on AMD EPYC Zen 4 it ran prefill
+    shapes 1.3-2.6x faster than F.linear, i.e. MKL), else F.linear, also under torch.compile. See stock_gemm_f32()."""
+    b = None if bias is None else bias.float()
+    # Not under torch.compile: inductor lowers this op only for frozen (constant) weights, and picks its own GEMM
+    # for F.linear. Not for empty dims, which oneDNN rejects.
+    if (_ONEDNN_LINEAR is not None and not torch.compiler.is_compiling()
+            and x2.shape[0] > 0 and w.shape[0] > 0 and w.shape[1] > 0):
+        return _ONEDNN_LINEAR(x2, w, b, "none", [], "")
+    return F.linear(x2, w, b)
+
+
+def stock_gemm_f32() -> str:
+    """The fp32 GEMM behind prefill rows: 'oneDNN' or 'F.linear'."""
+    return "oneDNN" if _ONEDNN_LINEAR is not None else "F.linear"
 
 
 def _load() -> tuple[bool, str]:
@@ -276,21 +306,19 @@ def linear_f16(x, w, bias=None):
 
 
 def _f16_widened(x2, w, bias):
-    # Prefill: the same semantics (fp32 products and sums, one rounding to fp16) through fp32 F.linear, on W
+    # Prefill: the same semantics (fp32 products and sums, one rounding to fp16) through the fp32 GEMM, on W
     # widened ~4 MB of rows at a time, so that no fp32 copy of a whole matrix is ever held.
     xf, N = x2.float(), w.shape[0]
     y = x2.new_empty(x2.shape[0], N)                                              # (M, N) fp16
     rows = max(1, (1 << 20) // max(w.shape[1], 1))
     for n0 in range(0, N, rows):
-        b = None if bias is None else bias[n0:n0 + rows].float()
-        y[:, n0:n0 + rows] = F.linear(xf, w[n0:n0 + rows].float(), b)
+        y[:, n0:n0 + rows] = gemm_f32(xf, w[n0:n0 + rows].float(), None if bias is None else bias[n0:n0 + rows])
     return y
 
 
 def linear_f32(x, w, bias=None):
-    """y = x @ w^T (+ b) in fp32: our kernel for decode rows, F.linear from PREFILL_MIN_ROWS["f32"] rows on."""
-    return _linear_float("f32", x, w, bias, torch.float32,
-                         lambda x2, w, b: F.linear(x2, w, None if b is None else b.float()))
+    """y = x @ w^T (+ b) in fp32: our kernel for decode rows, gemm_f32 from PREFILL_MIN_ROWS["f32"] rows on."""
+    return _linear_float("f32", x, w, bias, torch.float32, gemm_f32)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

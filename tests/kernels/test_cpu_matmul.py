@@ -171,6 +171,21 @@ def test_f16_prefill_widened_path_same_semantics(M):
 
 
 @needs_ext
+@pytest.mark.parametrize("M,N,K", [(64, 300, 130), (17, 5, 1), (0, 8, 16), (20, 0, 16), (20, 8, 0)])
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16])
+def test_gemm_f32_is_an_fp32_gemm(M, N, K, bias_dtype):
+    # The stock fp32 GEMM behind prefill rows (oneDNN where torch has it), also on W widened from fp16.
+    assert mm.stock_gemm_f32() in ("oneDNN", "F.linear")
+    x, w = _x(M, K), _w(N, K)
+    bias = None if bias_dtype is None else torch.randn(N).to(bias_dtype)
+    y = mm.gemm_f32(x, w, bias)
+    exact = ref.linear_f32_ref(x.double(), w.double(), None if bias is None else bias.double())
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    scale = (x.double().abs() @ w.double().abs().t()).max().item() + 1.0 if M * N else 1.0
+    assert (y.double() - exact).abs().max().item() <= 4 * max(K, 1) * 2 ** -24 * scale if M * N else True
+
+
+@needs_ext
 def test_f16_conversions_are_torchs(path):
     # Every fp16 bit pattern widens exactly and rounds back to itself (1.0 * w, K = 1); fp32 values round to
     # fp16 as torch rounds them (0 * w + bias): tiny, subnormal, halfway, overflowing, infinite. NaN stays NaN.
