@@ -30,9 +30,11 @@ _AVX512F, _VNNI, _BF16, _AVX2 = 1, 2, 4, 8
 # Set when the kernels load, from the CPU: with AVX-512 VNNI/BF16 the stock int8 and bf16 GEMMs win from 16 rows
 # (oneDNN's bf16 GEMM 7x faster at 128 rows on Sapphire Rapids); on AVX2 ours won at every row count measured (1 to
 # 128). fp32 and fp16 on AVX-512 (one hot 4096x1024 layer, Zen 4, against oneDNN's fp32 GEMM): fp32 ours 1.6x
-# slower at 8 rows, 2.1x at 16; fp16 ours 0.7x at 8 rows, 1.1x at 16, 1.9x at 32. On AVX2, fp32 from 256 rows
-# (Zen 2, against MKL's F.linear: ours 1.7x faster at 1 row, 1.15x at 128, even at 256); fp16 takes 16 there too,
-# unmeasured. Without SIMD kernels, always stock (0).
+# slower at 8 rows, 2.1x at 16; fp16 ours 0.7x at 8 rows, 1.1x at 16, 1.9x at 32. Cold (24 layers + lm_head,
+# bench_matmul --rows): fp32 ours 1.05x oneDNN's time at 8 rows (the row kernels stream the weights once for the
+# batch), 1.73x at 12 (tiles); fp16 ours 0.81x at 8, 1.04x at 12. So fp32 from 9 rows, fp16 from 16.
+# On AVX2, fp32 from 256 rows (Zen 2, against MKL's F.linear: ours 1.7x faster at 1 row, 1.15x at 128, even at
+# 256); fp16 takes 16 there too, unmeasured. Without SIMD kernels, always stock (0).
 NEVER = 1 << 62
 PREFILL_MIN_ROWS = {"w8a8": NEVER, "bf16": NEVER, "int8_weight": NEVER, "f16": NEVER, "f32": 0}
 
@@ -40,7 +42,7 @@ PREFILL_MIN_ROWS = {"w8a8": NEVER, "bf16": NEVER, "int8_weight": NEVER, "f16": N
 def _prefill_policy(simd_bits: int) -> dict:
     return {"w8a8": 16 if simd_bits & _VNNI else NEVER, "bf16": 16 if simd_bits & _BF16 else NEVER,
             "int8_weight": NEVER, "f16": 16 if simd_bits & (_AVX512F | _AVX2) else 0,
-            "f32": 16 if simd_bits & _AVX512F else 256 if simd_bits & _AVX2 else 0}
+            "f32": 9 if simd_bits & _AVX512F else 256 if simd_bits & _AVX2 else 0}
 
 
 def _onednn_linear():
