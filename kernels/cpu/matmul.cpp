@@ -879,7 +879,7 @@ void linear_int8_weight(const void* x, int x_dt, const int8_t* w, const float* w
 // ---------------------------------------------------------------------------------------------------------
 // bf16: y = x @ w^T (+ b), bf16 in, fp32 accumulation (vdpbf16ps: pairs of bf16 products), bf16 out.
 
-// x, w and y of one float type T: uint16_t (bf16) or float.
+// x, w and y of one float type T: uint16_t (bf16), Half (fp16) or float.
 template <class T>
 struct Dense {
   const T* x;  // (M, K)
@@ -890,9 +890,13 @@ struct Dense {
   T* y;               // (M, N)
   int64_t xmask = 0;  // fp32: the AVX-512 row kernel reads x's 64-byte chunk c at chunk c ^ xmask (scramble_x)
 
+  static constexpr int y_dt = std::is_same<T, uint16_t>::value ? DT_BF16
+                              : std::is_same<T, Half>::value   ? DT_F16
+                                                               : DT_F32;
+
   inline void store(int64_t m, int64_t n, float acc) const {
     if (bias) acc += load_f(bias, bias_dt, n);
-    store_y(y, std::is_same<T, uint16_t>::value, m * N + n, acc);
+    store_y(y, y_dt, m * N + n, acc);
   }
 };
 using Bf16 = Dense<uint16_t>;
@@ -968,23 +972,10 @@ void linear_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bia
 // fp16: y = x @ w^T (+ b), fp16 in, fp32 accumulation, fp16 out. No x86 before AVX512-FP16 multiplies fp16, so
 // each vector of weights and of x is widened in registers (vcvtph2ps, exact) and the weight-only int8 kernels'
 // fp32 FMA runs: the weights stream at 2 bytes each, as bf16's do. x stays fp16: widened once into an fp32 copy,
-// a 16 KiB x (K = 4096) beside each 8 KiB weight row made that layer read 1.15-1.3x slower (MATMUL.md). Its
+// a 16 KiB x (K = 4096) beside each 8 KiB weight row made that layer read up to 1.56x slower (MATMUL.md). Its
 // chunks are not scrambled either: scramble_x's chunk order is defined for fp32 x.
 
-struct F16 {
-  const Half* x;  // (M, K)
-  const Half* w;  // (N, K)
-  int64_t M, N, K;
-  const void* bias;
-  int bias_dt;
-  Half* y;  // (M, N)
-  int64_t xmask = 0;
-
-  inline void store(int64_t m, int64_t n, float acc) const {
-    if (bias) acc += load_f(bias, bias_dt, n);
-    y[m * N + n].bits = f32_to_f16(acc);
-  }
-};
+using F16 = Dense<Half>;
 
 void linear_f16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_dt, int64_t M, int64_t N,
                 int64_t K, uint16_t* y) {
