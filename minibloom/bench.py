@@ -585,7 +585,7 @@ def command_line(args) -> str:
     if [q for q in args.quantize if q != "none"]:
         parts += ["--quantize", j(q for q in args.quantize if q != "none")]
     for flag, value, default in (("--device", args.device, "auto"), ("--backend", args.backend, "auto"),
-                                 ("--int8-threshold", args.int8_threshold, 6.0)):
+                                 ("--int8-threshold", args.int8_threshold, None)):
         if value != default:
             parts += [flag, str(value)]
     if args.compile:

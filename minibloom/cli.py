@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "bench": ("bench", "benchmark minibloom against transformers and CTranslate2 and the machine's floor"),
     "parity": ("parity", "verify a checkpoint against transformers, layer by layer"),
     "inspect": ("inspect_model", "print the architecture, parameter counts, ALiBi slopes or T5 buckets"),
+    "convert": ("convert", "save a model cast or quantized to int8, as a folder minibloom loads directly"),
 }
 
 
@@ -28,8 +29,9 @@ def add_model_arguments(p: argparse.ArgumentParser, default_model=DEFAULT_MODEL)
                    help="auto: fused kernels when they build, else the reference PyTorch path (default)")
     p.add_argument("--quantize", choices=["int8", "int8-weight"], default=None,
                    help="int8: LLM.int8() weights and activations; int8-weight: int8 weights, float activations")
-    p.add_argument("--int8-threshold", type=float, default=6.0,
-                   help="LLM.int8() outlier threshold: activation columns above it stay in float (default 6.0)")
+    p.add_argument("--int8-threshold", type=float, default=None,
+                   help="LLM.int8() outlier threshold: activation columns above it stay in float (default 6.0, or "
+                        "the one an int8 folder from `minibloom convert` records)")
     p.add_argument("--compile", action="store_true",
                    help="run each decode step through torch.compile: faster steps, but the first one compiles "
                         "(20-70 s on a 2-core CPU, cached on disk); pays off for long generations")
@@ -48,7 +50,8 @@ def parser() -> argparse.ArgumentParser:
         description="BLOOM/BLOOMZ and mT5/mT0 inference from Hub safetensors, without transformers.",
         epilog="Examples:\n  minibloom generate \"Translate to English: Je t'aime.\"\n"
                "  minibloom generate --model mt0-small \"Translate to English: Je t'aime.\"\n"
-               "  echo 'Why is the sky blue?' | minibloom generate --max-new-tokens 40 --do-sample --seed 0",
+               "  echo 'Why is the sky blue?' | minibloom generate --max-new-tokens 40 --do-sample --seed 0\n"
+               "  minibloom convert --model bloomz-560m --quantize int8 --out bloomz-560m-int8",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     g = sub.add_parser("generate", help="generate text from a prompt (argument or stdin), streamed to stdout",

@@ -47,14 +47,16 @@ def parameter_counts(model: torch.nn.Module) -> dict:
 
 
 def checkpoint_count(lm) -> int:
-    """Elements over the checkpoint's tensors, leaving out redundant copies the model ignores."""
+    """Elements over the checkpoint's tensors, leaving out redundant copies the model ignores and the per-row
+    scales of a saved int8 folder (buffers, not parameters)."""
     from .lm import ARCHITECTURES
     import importlib
     from .loader import Checkpoint
 
     arch = importlib.import_module(f".{ARCHITECTURES[lm.config['model_type']]}", __package__)
     ckpt = Checkpoint(lm.folder)
-    return sum(math.prod(ckpt.shape(k)) for k in ckpt.keys() if not arch.ignored_key(k))
+    return sum(math.prod(ckpt.shape(k)) for k in ckpt.keys()
+               if not arch.ignored_key(k) and not k.endswith(".weight_scale"))
 
 
 def memory_bytes(model: torch.nn.Module) -> dict:

@@ -37,13 +37,15 @@ def parse_device(device) -> torch.device:
 
 
 def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "auto", quantize=None,
-         int8_threshold: float = 6.0, compile: bool = False) -> "LM":
+         int8_threshold: float | None = None, compile: bool = False) -> "LM":
     """Load a BLOOM/BLOOMZ or mT5/mT0/T5 checkpoint: a folder, a Hub repo id or a family name (bloomz-560m).
 
     dtype: 'float32' | 'bfloat16' | 'float16' | None (the checkpoint's own dtype).
     device: 'cpu' | 'cuda' | 'cuda:N'.  backend: 'auto' | 'reference' | 'fused'.
     quantize: None | 'int8' (LLM.int8(): int8 weights and activations) | 'int8-weight' (int8 weights only).
-    int8_threshold: LLM.int8() outlier threshold (activation columns above it are computed in float).
+      A folder saved by `minibloom convert --quantize` (LM.save) is int8 already: None keeps its saved mode.
+    int8_threshold: LLM.int8() outlier threshold (activation columns above it are computed in float); None: 6.0,
+      or the one a saved int8 folder records.
     compile: run each decode step through torch.compile (faster steps; the first one compiles, see
     ops.compile_decode).
     """
@@ -63,10 +65,15 @@ def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "
     be = ops.get_backend(backend, dev)
     dtype = want_dtype or _config_dtype(config) or ckpt.float_dtype()
     net = arch.build(config)
+    from .quantize import Quantizer, SavedInt8, saved_quantization
+    saved = saved_quantization(config, folder)
     quantizer = None
-    if quantize is not None:
-        from .quantize import Quantizer
-        quantizer = Quantizer(quantize, int8_threshold, dev, kernel=be.name == "fused" and dev.type == "cpu")
+    if saved:  # int8 on disk (minibloom convert): the mode and threshold may still be chosen at load
+        quantizer = SavedInt8(quantize or saved["mode"], saved["threshold"] if int8_threshold is None else
+                              int8_threshold, dev)
+    elif quantize is not None:
+        quantizer = Quantizer(quantize, 6.0 if int8_threshold is None else int8_threshold, dev,
+                              kernel=be.name == "fused" and dev.type == "cpu")
     with quantizer.loading() if quantizer else contextlib.nullcontext():
         load_tensors(net, ckpt, arch.checkpoint_names(net, ckpt), arch.ignored_key, dtype, dev, quantizer)
     arch.tie(net, ckpt)
@@ -82,6 +89,7 @@ def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "
     if compile:
         net.compile_step()
     lm = LM(net, Tokenizer(folder, config), config, folder, dtype, dev)
+    lm.quantize = quantizer.mode if quantizer else None
     lm.load_seconds = time.perf_counter() - t0
     return lm
 
@@ -99,6 +107,7 @@ class LM:
         self.folder, self.dtype, self.device = folder, dtype, device
         self.is_encoder_decoder = model.is_encoder_decoder
         self.load_seconds = 0.0
+        self.quantize = None  # None | "int8" | "int8-weight": how the weights were loaded
 
     # -- prompts -> tensors ------------------------------------------------------------------------------------------
     def encode_batch(self, prompts: list[str]):
@@ -194,6 +203,13 @@ class LM:
         check_memory(self.model, input_ids.shape[0] * opts.num_beams, input_ids.shape[1], opts.max_new_tokens,
                      self.dtype, self.device)
         return input_ids.to(self.device), attention_mask.to(self.device)
+
+    def save(self, folder, *, max_shard_bytes: int = 5 * 10**9, overwrite: bool = False) -> list[str]:
+        """Write this model as a Hub-style folder (config.json, safetensors, tokenizer files) that `load` reads
+        back: int8 weights stay int8 with their scales (no quantizing on the next load), float weights are saved
+        in the loaded dtype and read by transformers too. See minibloom/convert.py."""
+        from .convert import save
+        return save(self, folder, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
 
     def trace(self, prompt: str, decoder_prompt: str | None = None) -> dict:
         """Named intermediates of one forward pass: {"embeddings": ..., "h.0": ..., ..., "logits": ...}."""

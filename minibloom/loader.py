@@ -1,4 +1,4 @@
-"""Reading Hub checkpoints: config.json and safetensors (single file or sharded), memory-mapped.
+"""Reading and writing Hub checkpoints: config.json and safetensors (single file or sharded), memory-mapped.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
 then the raw tensor bytes. We parse the header ourselves so that a truncated or corrupt file is named in the error,
@@ -22,6 +22,7 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+SAFETENSORS_NAMES = {dt: name for name, dt in SAFETENSORS_DTYPES.items()}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -202,7 +203,8 @@ def load_tensors(model: torch.nn.Module, ckpt: Checkpoint, names: dict[str, list
 
     names:   parameter name -> checkpoint keys to try, in order (aliases, prefixes)
     ignored: predicate on checkpoint keys that may be present but are not used (redundant copies)
-    quantize: optional callable(module, attr, ckpt, key) -> bool; True when it stored a quantized weight itself
+    quantize: optional callable(module, attr, ckpt, key) -> the checkpoint keys it consumed when it stored the
+              weight itself (quantized on load, or saved in int8 with its scales), else an empty tuple
     Every checkpoint tensor must be used or ignored, and every parameter found with the right shape.
     """
     used = set()
@@ -226,8 +228,15 @@ def load_tensors(model: torch.nn.Module, ckpt: Checkpoint, names: dict[str, list
         used.add(key)
         module_name, _, attr = pname.rpartition(".")
         module = model.get_submodule(module_name)
-        if quantize is not None and quantize(module, attr, ckpt, key):
+        consumed = quantize(module, attr, ckpt, key) if quantize is not None else ()
+        if consumed:
+            used.update(consumed)
             continue
+        if target.is_floating_point() and not ckpt.dtype(key).is_floating_point:
+            raise MinibloomError(
+                f"tensor {key!r} in {ckpt.file_of(key)} is stored as {ckpt.dtype(key)}, but config.json declares no "
+                f"minibloom quantization_config: keep the config.json that `minibloom convert` wrote beside these "
+                f"weights, or load a float checkpoint")
         value = ckpt.tensor(key, dtype if ckpt.dtype(key).is_floating_point else None, device)
         if attr in module._parameters:
             module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
@@ -240,6 +249,64 @@ def load_tensors(model: torch.nn.Module, ckpt: Checkpoint, names: dict[str, list
         raise MinibloomError(
             f"unexpected tensor {k!r}{more} in {ckpt.file_of(k)}: the checkpoint has weights the model does not use. "
             f"Check that config.json matches the weights")
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+    """Write one .safetensors file (the format SafetensorsFile reads), tensor by tensor from their own memory.
+
+    Wider dtypes come first, so every tensor starts at a multiple of its element size and maps back as a view.
+    The file is written under a temporary name and renamed: an interrupted write never leaves a truncated file.
+    """
+    path = Path(path)
+    order = sorted(tensors, key=lambda k: -tensors[k].element_size())  # stable: same-width tensors keep their order
+    header, offset = {}, 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in SAFETENSORS_NAMES:
+            raise MinibloomError(f"cannot write {name!r}: safetensors has no {t.dtype}")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in order:
+            t = tensors[name].detach().to("cpu").contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+    os.replace(tmp, path)
+
+
+def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[str]:
+    """model.safetensors, or shards of at most max_shard_bytes (a larger tensor gets a shard of its own) listed in
+    model.safetensors.index.json, as the Hub stores them. Returns the file names written."""
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        write_safetensors(folder / "model.safetensors", tensors, meta)
+        return ["model.safetensors"]
+    files, weight_map = [], {}
+    for i, names in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(folder / file, {n: tensors[n] for n in names}, meta)
+        files.append(file)
+        weight_map.update({n: file for n in names})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return files + ["model.safetensors.index.json"]
 
 
 def check_loaded(model: torch.nn.Module) -> None:

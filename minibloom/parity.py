@@ -101,6 +101,10 @@ def load_transformers(folder, dtype: torch.dtype, device):
     """transformers' model for `folder`: eager attention, our dtype, every weight from the file."""
     transformers = import_transformers()
     config = json.loads((Path(folder) / "config.json").read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") == "minibloom-int8":
+        raise MinibloomError(f"{folder} holds minibloom's int8 weights (minibloom convert), which transformers "
+                             f"cannot read: compare against the float checkpoint they came from, "
+                             f"--reference-model SOURCE")
     cls = (transformers.AutoModelForSeq2SeqLM if config.get("model_type") in ("t5", "mt5")
            else transformers.AutoModelForCausalLM)
     try:
@@ -487,7 +491,7 @@ def run(args) -> int:
     hf = load_transformers(lm.folder if args.reference_model is None else reference, lm.dtype, lm.device)
     num_beams = args.num_beams or (4 if lm.is_encoder_decoder else 1)
     report = check(lm, hf, prompts, new_tokens=args.new_tokens, num_beams=num_beams, tolerance=args.tolerance,
-                   quantize=args.quantize, reference_model=str(reference) if args.reference_model else None)
+                   quantize=lm.quantize, reference_model=str(reference) if args.reference_model else None)
     print(format_report(report))
     if args.json:
         write_json(report, args.json)
