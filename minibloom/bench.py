@@ -401,6 +401,10 @@ def add_arguments(p: argparse.ArgumentParser):
             ("device", str, "auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")):
         shared[dest].type, shared[dest].choices, shared[dest].default, shared[dest].help = kind, None, default, \
             help_text
+    p.add_argument("--int8-from", choices=["hub", "converted"], default="hub",
+                   help="where minibloom's int8 runs load from: hub (the float checkpoint, quantized on every load, "
+                        "as `generate --quantize int8`; default) or converted (a folder written once by `minibloom "
+                        "convert`, as CTranslate2 loads its converted model)")
     p.add_argument("--shape", choices=list(SHAPES),
                    help="a random-weight checkpoint of this real configuration, built once with transformers and "
                         "cached (instead of --model)")
@@ -445,8 +449,9 @@ def make_batches(vocab_size: int, folder: Path, prompt_tokens: int, batch: list[
 
 
 def run_rounds(report: dict, variants: list[Variant], args, device: str, folder: str, ct2_folders: dict,
-               batches: list[dict], floor_bytes: int, log):
-    """args.repeats rounds: a quiet check, the floor, then every variant in turn; samples go into the report."""
+               batches: list[dict], floor_bytes: int, log, int8_folder: str | None = None):
+    """args.repeats rounds: a quiet check, the floor, then every variant in turn; samples go into the report.
+    int8_folder: minibloom's int8 variants load this `minibloom convert` folder instead of `folder`."""
     broken = set()
     for rnd in range(args.repeats):
         quiet = quiet_check(args.quiet_threshold, args.wait_quiet)
@@ -466,7 +471,9 @@ def run_rounds(report: dict, variants: list[Variant], args, device: str, folder:
                     "quantize": v.precision if v.precision in QUANT_MODES else None,
                     "int8_threshold": args.int8_threshold, "backend": args.backend, "compile": args.compile,
                     "device": device,
-                    "folder": folder, "ct2_folder": ct2_folders.get(v.precision) if v.engine == "ctranslate2" else None,
+                    "folder": int8_folder if int8_folder and v.engine == "minibloom" and v.precision in QUANT_MODES
+                    else folder,
+                    "ct2_folder": ct2_folders.get(v.precision) if v.engine == "ctranslate2" else None,
                     "compute_type": v.compute_type, "threads": args.threads, "batches": batches}
             rec = dict(measure(spec, args), variant=v.name, engine=v.engine, precision=v.precision, round=rnd)
             if "result" in rec:
@@ -510,7 +517,8 @@ def run(args) -> int:
     ct2_quants = ["float32"] + (["bfloat16"] if "bfloat16" in args.dtype else []) + \
                  (["float16"] if "float16" in args.dtype else []) + ["int8"]
     prep = spawn({"task": "prepare", "shape": args.shape, "model": args.model, "device": args.device,
-                  "ct2_quantizations": ct2_quants if "ctranslate2" in peers else []}, args.threads, 3600)
+                  "ct2_quantizations": ct2_quants if "ctranslate2" in peers else [],
+                  "minibloom_int8": bool(quantize) and args.int8_from == "converted"}, args.threads, 3600)
     if "error" in prep:
         raise MinibloomError(f"could not prepare the model: {prep['error']}")
     prep = prep["result"]
@@ -535,11 +543,12 @@ def run(args) -> int:
                      "folder": folder, "dtype": args.dtype, "quantize": quantize, "peers": peers,
                      "batch": batch_sizes, "prompt_tokens": args.prompt_tokens, "new_tokens": new_tokens,
                      "threads": args.threads, "repeats": args.repeats, "backend": args.backend,
-                     "compile": args.compile, "quiet_threshold": args.quiet_threshold},
+                     "compile": args.compile, "quiet_threshold": args.quiet_threshold,
+                     "int8_from": args.int8_from, "int8_folder": prep.get("int8_folder")},
         "variants": [v.__dict__ for v in variants], "weight_bytes_per_step": weight_bytes,
         "missing": missing, "not_measured": not_measured, "failed": [], "floor_samples": [], "runs": [],
     }
-    run_rounds(report, variants, args, device, folder, prep["ct2"], batches, floor_bytes, log)
+    run_rounds(report, variants, args, device, folder, prep["ct2"], batches, floor_bytes, log, prep.get("int8_folder"))
 
     if not report["floor_samples"]:
         raise MinibloomError("the bandwidth floor could not be measured (see the messages above)")
@@ -588,6 +597,8 @@ def command_line(args) -> str:
                                  ("--int8-threshold", args.int8_threshold, None)):
         if value != default:
             parts += [flag, str(value)]
+    if args.int8_from != "hub":
+        parts += ["--int8-from", args.int8_from]
     if args.compile:
         parts.append("--compile")
     return " ".join(shlex.quote(p) for p in parts)

@@ -236,6 +236,8 @@ def task_prepare(spec) -> dict:
         folder = resolve(spec["model"])
     out = {"folder": str(folder), "device": device, "ct2": {}, "ct2_compute_types": [], "ct2_error": None,
            "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else None}
+    if spec.get("minibloom_int8"):
+        out["int8_folder"] = str(convert_minibloom(Path(folder)))
     if spec["ct2_quantizations"]:
         try:
             import ctranslate2
@@ -269,6 +271,19 @@ def build_shape(name: str) -> Path:
         raise MinibloomError(f"--shape {name} needs minibloom.checkpoints.{builder} and {shape}, which this "
                              f"version does not have: pass --model FOLDER instead")
     return getattr(checkpoints, builder)(getattr(checkpoints, shape), dtype=getattr(torch, dtype))
+
+
+def convert_minibloom(folder: Path) -> Path:
+    """`minibloom convert --quantize int8` of the checkpoint, once (the same int8 weights serve both int8 modes)."""
+    import minibloom
+    from minibloom.checkpoints import CACHE
+    stat = (folder / "config.json").stat()
+    out = CACHE / "minibloom-int8" / f"{folder.name}-{int(stat.st_mtime)}"
+    if (out / ".done").exists():
+        return out
+    minibloom.load(folder, quantize="int8").save(out, overwrite=True)
+    (out / ".done").touch()
+    return out
 
 
 def convert_ct2(folder: Path, quantization: str) -> Path:

@@ -4,6 +4,7 @@ Only tiny shapes run here; the figures' values are not checked (speed is never m
 figure exists and is consistent."""
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +234,26 @@ def test_bench_kv_refuses_an_encoder_decoder(capsys):
     from minibloom import bench_kv
     with pytest.raises(SystemExit, match="BLOOM"):
         bench_kv.main(["--shape", "tiny-mt5", "--context", "40", "--repeats", "1"])
+
+
+def test_int8_from_a_converted_folder_gives_the_same_tokens(tmp_path, monkeypatch):
+    """--int8-from converted: minibloom's int8 runs load a `minibloom convert` folder (as CTranslate2 loads its
+    converted model) and generate what quantizing on load generates."""
+    monkeypatch.setattr(bench, "QUIET_WINDOW_S", 0.1)
+    tokens = {}
+    for source in ("hub", "converted"):
+        path = tmp_path / f"{source}.json"
+        assert cli.main(["bench", *TINY, "--batch", "1", "--peers", "none", "--quantize", "int8",
+                         "--int8-from", source, "--json", str(path)]) == 0
+        report = json.loads(path.read_text())
+        assert not report["failed"] and report["settings"]["int8_from"] == source
+        tokens[source] = {r["precision"]: r["tokens"] for r in report["summary"]}
+        int8_run = next(r for r in report["runs"] if r["precision"] == "int8")
+        folder = report["settings"]["int8_folder"]
+        if source == "converted":
+            assert json.loads((Path(folder) / "config.json").read_text())["quantization_config"]["mode"] == "int8"
+            assert "--int8-from converted" in report["command"]
+        else:
+            assert folder is None and "--int8-from" not in report["command"]
+        assert int8_run["result"]["batches"][0]["new_tokens"] == 3
+    assert tokens["hub"] == tokens["converted"]
