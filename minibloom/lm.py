@@ -1,6 +1,7 @@
 """`minibloom.load`: find a checkpoint, build the model for its model_type, load weights and tokenizer."""
 import contextlib
 import importlib
+import math
 import os
 import sys
 import time
@@ -74,8 +75,10 @@ def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "
     elif quantize is not None:
         quantizer = Quantizer(quantize, 6.0 if int8_threshold is None else int8_threshold, dev,
                               kernel=be.name == "fused" and dev.type == "cpu")
+    names = arch.checkpoint_names(net, ckpt)
+    check_weight_memory(net, ckpt, names, dtype, dev, quantizer, folder)
     with quantizer.loading() if quantizer else contextlib.nullcontext():
-        load_tensors(net, ckpt, arch.checkpoint_names(net, ckpt), arch.ignored_key, dtype, dev, quantizer)
+        load_tensors(net, ckpt, names, arch.ignored_key, dtype, dev, quantizer)
     arch.tie(net, ckpt)
     for name, buf in list(net.named_buffers()):  # derived buffers (ALiBi slopes) follow the device
         module_name, _, attr = name.rpartition(".")
@@ -231,6 +234,59 @@ class LM:
             return taps
         finally:
             self.model.taps = None
+
+
+def weight_bytes(net, ckpt, names, dtype, device, quantized_on_load: bool) -> int:
+    """Bytes the weights will take in fresh memory: tensors converted to `dtype`, quantized on load, or copied to a
+    GPU. A CPU tensor kept in the file's dtype (int8 of a saved folder too) is a view of the file: no fresh memory."""
+    from .quantize import quantizable
+    total = 0
+    for pname, keys in names.items():
+        key = next((k for k in keys if k in ckpt), None)
+        if key is None:
+            continue  # load_tensors names it
+        numel = math.prod(ckpt.shape(key))
+        module_name, _, attr = pname.rpartition(".")
+        if quantized_on_load and quantizable(net.get_submodule(module_name), attr):
+            total += numel + 4 * ckpt.shape(key)[0]           # int8 + one fp32 scale per row
+        elif device.type != "cpu":
+            total += numel * (dtype.itemsize if ckpt.dtype(key).is_floating_point else ckpt.dtype(key).itemsize)
+        elif ckpt.dtype(key).is_floating_point and ckpt.dtype(key) != dtype:
+            total += numel * dtype.itemsize
+    return total
+
+
+def check_weight_memory(net, ckpt, names, dtype, device, quantizer, folder):
+    """Refuse a load whose weights cannot fit, before allocating them: the kernel's OOM killer says nothing."""
+    from .quantize import Quantizer
+    if os.environ.get("MINIBLOOM_SKIP_MEMORY_CHECK") == "1":
+        return
+    need = weight_bytes(net, ckpt, names, dtype, device, isinstance(quantizer, Quantizer))
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_ram()
+    if free is None or need <= 0.95 * free:
+        return
+    own = ckpt.float_dtype()
+    hints = []
+    if device.type == "cpu" and own != dtype and own.itemsize < dtype.itemsize:
+        hints.append(f"load it in the file's own dtype ({str(own).replace('torch.', '')}: dtype=None, CLI --dtype "
+                     f"auto), mapped from the file")
+    if quantizer is None:
+        int8 = weight_bytes(net, ckpt, names, dtype, device, True)
+        hints.append(f"quantize it to int8 (quantize='int8', CLI --quantize int8: about {_size(int8)})")
+    if isinstance(quantizer, Quantizer) and device.type == "cpu":
+        hints.append("quantize it once elsewhere (minibloom convert --quantize int8) and load that folder, whose int8 "
+                     "weights are mapped from the file")
+    hints.append("use a smaller model")
+    advice = "; or ".join(hints)
+    raise MinibloomError(
+        f"loading {folder} in {str(dtype).replace('torch.', '')}{' with quantize=' + quantizer.mode if quantizer else ''} "
+        f"needs {_size(need)} of {'GPU ' if device.type == 'cuda' else ''}memory for its weights, but only "
+        f"{_size(free)} is available. {advice[0].upper() + advice[1:]} (MINIBLOOM_SKIP_MEMORY_CHECK=1 "
+        f"skips this check)")
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def check_memory(model, batch: int, prompt_len: int, new_tokens: int, dtype, device):

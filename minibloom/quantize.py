@@ -41,6 +41,12 @@ def check_options(mode: str, threshold: float):
         raise MinibloomError(f"invalid int8 threshold {threshold!r}: must be >= 0 (0 disables outliers)")
 
 
+def quantizable(module, attr: str) -> bool:
+    """Whether quantize= stores this parameter in int8: the weight matrices of Linear and Embedding modules."""
+    return attr == "weight" and isinstance(module, (ops.Linear, ops.Embedding)) and not getattr(module, "keep_float",
+                                                                                                   False)
+
+
 class Quantizer:
     """Passed to loader.load_tensors: stores int8 weights for Linear and Embedding modules."""
 
@@ -71,9 +77,7 @@ class Quantizer:
             _mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
 
     def __call__(self, module, attr: str, ckpt, key: str) -> tuple:
-        if attr != "weight" or not isinstance(module, (ops.Linear, ops.Embedding)):
-            return ()
-        if getattr(module, "keep_float", False):
+        if not quantizable(module, attr):
             return ()
         N, K = ckpt.shape(key)
         wq = ops.empty_huge((N, K), torch.int8, self.device)

@@ -256,3 +256,41 @@ def test_huge_pages_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("MINIBLOOM_HUGE_PAGES", "0")
     t = ops.empty_huge((3, 1 << 20), torch.float32, "cpu")
     assert t.untyped_storage().resizable()                      # torch's own allocation, not a separate mapping
+
+
+def test_a_load_that_cannot_fit_in_memory_is_refused_before_allocating(monkeypatch):
+    """The OOM killer ends a process without a word: the weights' fresh memory is checked against MemAvailable
+    first. Weights kept in the file's dtype are views of the file and need none."""
+    import minibloom.lm as lm_module
+    folder = bloom_checkpoint(TINY_BLOOM)                          # fp32 on disk
+    params = sum(p.numel() for p in minibloom.load(folder).model.parameters())
+    monkeypatch.setattr(lm_module, "_available_ram", lambda: 64 * 1024)
+    assert minibloom.load(folder, dtype="float32").dtype == torch.float32  # mapped: nothing to allocate
+    with pytest.raises(MinibloomError, match=r"in bfloat16 needs 0.4 MiB of memory for its weights, but only 0.1 "
+                                             r"MiB is available. Quantize it to int8.*MINIBLOOM_SKIP_MEMORY_CHECK"):
+        minibloom.load(folder, dtype="bfloat16")
+    with pytest.raises(MinibloomError, match="with quantize=int8 needs.*minibloom convert --quantize int8"):
+        minibloom.load(folder, quantize="int8")
+    monkeypatch.setenv("MINIBLOOM_SKIP_MEMORY_CHECK", "1")
+    assert minibloom.load(folder, dtype="bfloat16").dtype == torch.bfloat16
+    monkeypatch.undo()
+    # the estimate: 2 bytes per parameter in bf16 (the tied head once); int8 1 byte per matrix weight + row scales
+    from minibloom import bloom
+    from minibloom.loader import Checkpoint
+    net, ckpt = bloom.build(json.loads((folder / "config.json").read_text())), Checkpoint(folder)
+    names = bloom.checkpoint_names(net, ckpt)
+    cpu = torch.device("cpu")
+    assert lm_module.weight_bytes(net, ckpt, names, torch.bfloat16, cpu, False) == 2 * params
+    assert lm_module.weight_bytes(net, ckpt, names, torch.float32, cpu, False) == 0
+    matrices = {id(m.weight): m.weight.shape for m in minibloom.load(folder, quantize="int8").model.modules()
+                if getattr(m, "weight_scale", None) is not None}
+    assert lm_module.weight_bytes(net, ckpt, names, torch.float32, cpu, True) == sum(
+        n * k + 4 * n for n, k in matrices.values())      # norms and biases stay views of the file
+
+
+def test_memory_refusal_is_one_cli_error(tmp_path):
+    folder = bloom_checkpoint(TINY_BLOOM)
+    code = ("import sys, minibloom.lm as m; m._available_ram = lambda: 1024; from minibloom.cli import main; "
+            "sys.exit(main(['generate', '--model', sys.argv[1], '--dtype', 'bfloat16', 'Hello']))")
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
+    assert out.returncode == 2 and "minibloom: error: loading" in out.stderr and "Traceback" not in out.stderr
