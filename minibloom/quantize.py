@@ -51,15 +51,17 @@ class Quantizer:
     """Passed to loader.load_tensors: stores int8 weights for Linear and Embedding modules."""
 
     def __init__(self, mode: str, threshold: float, device: torch.device, kernel: bool = False):
-        """kernel: quantize with the CPU kernel (one pass; bit-equal to matmul_ref.quantize_rows_ref, which runs
-        otherwise)."""
+        """kernel: quantize with the CPU kernel (one pass, straight into the int8 matrix; bit-equal to
+        matmul_ref.quantize_rows_ref, which runs otherwise)."""
         check_options(mode, threshold)
         self.mode, self.threshold, self.device = mode, float(threshold), device
-        if kernel:
-            from .kernels.cpu.matmul import quantize_rows
-        else:
-            from .kernels.matmul_ref import quantize_rows_ref as quantize_rows
-        self.quantize_rows = quantize_rows
+        self.into = None
+        if kernel and device.type == "cpu":
+            from .kernels.cpu.matmul import quantize_rows_into
+            self.into = quantize_rows_into
+        from .kernels.matmul_ref import quantize_rows_ref
+        self.quantize_rows = quantize_rows_ref
+        self.buffer = torch.empty(0, dtype=torch.uint8)  # one read buffer for every chunk of float rows
 
     @contextlib.contextmanager
     def loading(self):
@@ -82,10 +84,17 @@ class Quantizer:
         N, K = ckpt.shape(key)
         wq = ops.empty_huge((N, K), torch.int8, self.device)
         scale = torch.empty(N, dtype=torch.float32, device=self.device)
+        chunk_bytes = min(CHUNK_ROWS, N) * K * ckpt.dtype(key).itemsize
+        if self.buffer.numel() < chunk_bytes:
+            self.buffer = torch.empty(chunk_bytes, dtype=torch.uint8)
         for start in range(0, N, CHUNK_ROWS):  # a few MB of float rows in memory at a time
             rows = slice(start, min(start + CHUNK_ROWS, N))
-            q, s = self.quantize_rows(ckpt.rows(key, rows))
-            wq[rows], scale[rows] = q.to(self.device), s.to(self.device)
+            w = ckpt.rows(key, rows, self.buffer)
+            if self.into is not None:
+                self.into(w, wq[rows], scale[rows])
+            else:
+                q, s = self.quantize_rows(w)
+                wq[rows], scale[rows] = q.to(self.device), s.to(self.device)
         module._parameters["weight"] = torch.nn.Parameter(wq, requires_grad=False)
         module._buffers["weight_scale"] = scale
         module.quant = self.mode

@@ -391,19 +391,34 @@ static void quantize_act_impl(const void* x, int x_dt, int64_t M, int64_t K, flo
 
 // Weights at load time: q = round_half_even(w / s), s = absmax/127 per row (1 for a zero row): the activation
 // quantizer's row step, run over blocks of rows in parallel. One pass, no temporaries (the torch-op reference
-// allocates a tensor per step, which dominated an int8 load).
-void quantize_rows(const float* w, int64_t N, int64_t K, int8_t* q, float* scale) {
+// allocates a tensor per step, which dominated an int8 load). bf16/fp16 rows (the Hub's BLOOMZ files) are widened,
+// exactly, a few rows at a time into a buffer that stays in L2, so the same fp32 step quantizes them.
+static void quant_rows_f32(const float* w, int64_t rows, int64_t K, int8_t* q, float* scale) {
+  if (use_f())
+    quant_rows_avx512(w, rows, K, q, scale, nullptr);
+  else if (use_avx2())
+    quant_rows_avx2(w, rows, K, q, scale);
+  else
+    quant_rows_scalar(w, rows, K, q, scale);
+}
+
+void quantize_rows(const void* w, int w_dt, int64_t N, int64_t K, int8_t* q, float* scale) {
   const bool par = N * K >= (1 << 16);
 #pragma omp parallel if (par)
   {
     const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-    const int64_t n0 = N * t / T, rows = N * (t + 1) / T - n0;
-    if (use_f())
-      quant_rows_avx512(w + n0 * K, rows, K, q + n0 * K, scale + n0, nullptr);
-    else if (use_avx2())
-      quant_rows_avx2(w + n0 * K, rows, K, q + n0 * K, scale + n0);
-    else
-      quant_rows_scalar(w + n0 * K, rows, K, q + n0 * K, scale + n0);
+    const int64_t n0 = N * t / T, n1 = N * (t + 1) / T;
+    if (w_dt == DT_F32) {
+      quant_rows_f32((const float*)w + n0 * K, n1 - n0, K, q + n0 * K, scale + n0);
+    } else {
+      const int64_t block = std::max<int64_t>(1, (64 << 10) / (4 * std::max<int64_t>(K, 1)));  // 64 KiB of fp32
+      std::vector<float> f(block * K);
+      for (int64_t n = n0; n < n1; n += block) {
+        const int64_t r = std::min(block, n1 - n);
+        for (int64_t i = 0; i < r * K; i++) f[i] = load_f(w, w_dt, n * K + i);
+        quant_rows_f32(f.data(), r, K, q + n * K, scale + n);
+      }
+    }
   }
 }
 

@@ -132,6 +132,10 @@ def _register_fakes():
     def _(w):
         return w.new_empty(w.shape, dtype=torch.int8), w.new_empty(w.shape[0], dtype=torch.float32)
 
+    @torch.library.register_fake("minibloom_matmul::quantize_rows_into")
+    def _(w, q, scale):
+        return None
+
     @torch.library.register_fake("minibloom_matmul::linear_w8a8")
     def _(x, wq, w_scale, bias, threshold):
         return x.new_empty(x.shape[0], wq.shape[0])
@@ -234,11 +238,27 @@ def _args(fn, x, w, wdtype, xdtypes, bias, w_scale=None):
 
 # --- public API -----------------------------------------------------------------------------------------------
 
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (N, K) float -> (wq int8 (N, K), scale fp32 (N,)); scale = absmax(row)/127 (zero row -> 1). Load time."""
+def _quantizable_w(w, fn):
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point() or w.device.type != "cpu":
-        raise ValueError("quantize_rows: w must be a 2-D floating-point CPU tensor (N, K) in Linear layout")
-    return _ops().quantize_rows(w.float().contiguous())  # bit-equal to matmul_ref.quantize_rows_ref
+        raise ValueError(f"{fn}: w must be a 2-D floating-point CPU tensor (N, K) in Linear layout")
+    return w.contiguous() if w.dtype in _FLOATS else w.float().contiguous()  # fp32, bf16 and fp16 read as they are
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> (wq int8 (N, K), scale fp32 (N,)); scale = absmax(row)/127 (zero row -> 1). Load time.
+    Bit-equal to matmul_ref.quantize_rows_ref (bf16 and fp16 rows are widened exactly inside the op)."""
+    return _ops().quantize_rows(_quantizable_w(w, "quantize_rows"))
+
+
+def quantize_rows_into(w: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> None:
+    """quantize_rows writing into wq (N, K) int8 and scale (N,) fp32, e.g. row slices of a whole matrix's storage."""
+    w = _quantizable_w(w, "quantize_rows_into")
+    for t, dtype, shape, name in ((wq, torch.int8, tuple(w.shape), "wq"), (scale, torch.float32, (w.shape[0],),
+                                                                          "scale")):
+        if not (isinstance(t, torch.Tensor) and t.dtype == dtype and tuple(t.shape) == shape and t.is_cpu
+                and t.is_contiguous()):
+            raise ValueError(f"quantize_rows_into: {name} must be a contiguous {dtype} CPU tensor of shape {shape}")
+    _ops().quantize_rows_into(w, wq, scale)
 
 
 def quantize_activations(x: torch.Tensor, threshold: float = 6.0):

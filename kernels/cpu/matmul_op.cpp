@@ -18,7 +18,7 @@ using torch::headeronly::ScalarType;
 
 namespace mbmm {  // matmul.cpp
 int simd_level(int cap);
-void quantize_rows(const float* w, int64_t N, int64_t K, int8_t* q, float* scale);
+void quantize_rows(const void* w, int w_dt, int64_t N, int64_t K, int8_t* q, float* scale);
 void quantize_activations(const void* x, int x_dt, int64_t M, int64_t K, float threshold, int8_t* xq,
                           float* s_x, std::vector<int32_t>& outliers);
 void linear_w8a8(const void* x, int x_dt, const int8_t* w, const float* w_scale, const void* bias,
@@ -67,13 +67,30 @@ static int bias_dt(const std::optional<Tensor>& b) { return b ? dtype_code(*b) :
 
 int64_t simd_level(int64_t cap) { return mbmm::simd_level((int)cap); }
 
+static void check_quantize_rows(const Tensor& w, const Tensor& q, const Tensor& scale) {
+  check_2d(w, "w");
+  STD_TORCH_CHECK(is_float(w), "w must be float32, bfloat16 or float16");
+  STD_TORCH_CHECK(q.is_cpu() && q.scalar_type() == ScalarType::Char && q.dim() == 2 && q.size(0) == w.size(0) &&
+                      q.size(1) == w.size(1) && q.is_contiguous(),
+                  "q must be a contiguous int8 CPU tensor of w's shape");
+  STD_TORCH_CHECK(scale.is_cpu() && scale.scalar_type() == ScalarType::Float && scale.dim() == 1 &&
+                      scale.size(0) == w.size(0) && scale.is_contiguous(),
+                  "scale must be a contiguous float32 (N,) CPU tensor");
+}
+
+// Writes into q and scale, which the caller slices from the whole matrix's int8 storage (no temporary copy).
+void quantize_rows_into(Tensor w, Tensor q, Tensor scale) {
+  check_quantize_rows(w, q, scale);
+  mbmm::quantize_rows(w.data_ptr(), dtype_code(w), w.size(0), w.size(1), (int8_t*)q.data_ptr(),
+                      (float*)scale.data_ptr());
+}
+
 std::tuple<Tensor, Tensor> quantize_rows(Tensor w) {
   check_2d(w, "w");
-  STD_TORCH_CHECK(w.scalar_type() == ScalarType::Float, "w must be float32");
   const int64_t N = w.size(0), K = w.size(1);
   Tensor q = empty_cpu({N, K}, ScalarType::Char);
   Tensor scale = empty_cpu({N}, ScalarType::Float);
-  mbmm::quantize_rows((const float*)w.data_ptr(), N, K, (int8_t*)q.data_ptr(), (float*)scale.data_ptr());
+  quantize_rows_into(w, q, scale);
   return {q, scale};
 }
 
@@ -155,6 +172,7 @@ Tensor argmax_rows(Tensor x) {
 STABLE_TORCH_LIBRARY(minibloom_matmul, m) {
   m.def("simd_level(int cap) -> int");
   m.def("quantize_rows(Tensor w) -> (Tensor, Tensor)");
+  m.def("quantize_rows_into(Tensor w, Tensor(a!) q, Tensor(b!) scale) -> ()");
   m.def("quantize_activations(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)");
   m.def("linear_w8a8(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias, float threshold) -> Tensor");
   m.def("linear_int8_weight(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias) -> Tensor");
@@ -166,6 +184,7 @@ STABLE_TORCH_LIBRARY(minibloom_matmul, m) {
 
 STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CPU, m) {
   m.impl("quantize_rows", TORCH_BOX(&quantize_rows));
+  m.impl("quantize_rows_into", TORCH_BOX(&quantize_rows_into));
   m.impl("quantize_activations", TORCH_BOX(&quantize_activations));
   m.impl("linear_w8a8", TORCH_BOX(&linear_w8a8));
   m.impl("linear_int8_weight", TORCH_BOX(&linear_int8_weight));

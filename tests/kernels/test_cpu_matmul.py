@@ -305,7 +305,7 @@ def test_quantize_rows_ref():
 
 
 @needs_ext
-@pytest.mark.parametrize("N,K", [(1, 1), (5, 33), (37, 100), (300, 1030)])
+@pytest.mark.parametrize("N,K", [(1, 1), (5, 33), (37, 100), (300, 1030), (3, 20000)])  # 16-bit rows: 15, 1 per block
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_quantize_rows_kernel_equals_ref(path, N, K, dtype):
     w = (_w(N, K) * 40).to(dtype)
@@ -314,6 +314,23 @@ def test_quantize_rows_kernel_equals_ref(path, N, K, dtype):
     q, s = mm.quantize_rows(w)
     rq, rs = ref.quantize_rows_ref(w)
     assert torch.equal(q, rq) and torch.equal(s, rs)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_rows_into_slices_of_the_whole_matrix(path, dtype):
+    """The load path: chunks of rows quantized straight into row slices of the int8 matrix and its scales."""
+    w = (_w(50, 70) * 40).to(dtype)
+    wq, scale = torch.full((50, 70), 99, dtype=torch.int8), torch.full((50,), -1.0)
+    for start in range(0, 50, 16):
+        rows = slice(start, min(start + 16, 50))
+        mm.quantize_rows_into(w[rows], wq[rows], scale[rows])
+    rq, rs = ref.quantize_rows_ref(w)
+    assert torch.equal(wq, rq) and torch.equal(scale, rs)
+    with pytest.raises(ValueError, match="wq must be a contiguous torch.int8"):
+        mm.quantize_rows_into(w, wq[:, :10], scale)
+    with pytest.raises(ValueError, match="scale must be a contiguous torch.float32"):
+        mm.quantize_rows_into(w, wq, scale.double())
 
 
 @needs_ext
