@@ -23,6 +23,7 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 SAFETENSORS_NAMES = {dt: name for name, dt in SAFETENSORS_DTYPES.items()}
+CONVERT_CHUNK_BYTES = 8 << 20  # a tensor converted to another dtype is read this much at a time
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -128,6 +129,7 @@ class Checkpoint:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self._buffer = torch.empty(0, dtype=torch.uint8)  # file reads for dtype conversion, reused
         index = self.folder / "model.safetensors.index.json"
         single = self.folder / "model.safetensors"
         if index.is_file():
@@ -179,7 +181,16 @@ class Checkpoint:
             return file.view(key).to(device)
         if device.type != "cpu":
             return file.read(key).to(device=device, dtype=dtype)
-        return ops.empty_huge(self.shape(key), dtype, device).copy_(file.read(key))
+        out = ops.empty_huge(self.shape(key), dtype, device)
+        if out.dim() == 0 or out.shape[0] == 0:
+            return out.copy_(file.read(key))
+        rows = max(1, CONVERT_CHUNK_BYTES // max(1, out[0].numel() * self.dtype(key).itemsize))
+        if self._buffer.numel() < rows * out[0].numel() * self.dtype(key).itemsize:
+            self._buffer = torch.empty(rows * out[0].numel() * self.dtype(key).itemsize, dtype=torch.uint8)
+        for start in range(0, out.shape[0], rows):  # through one reused buffer: no fresh pages per read
+            part = slice(start, min(start + rows, out.shape[0]))
+            out[part].copy_(file.read(key, part, self._buffer))
+        return out
 
     def rows(self, key: str, rows: slice, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of a tensor in its own dtype, in fresh memory or in `buffer` (for quantizing a chunk at a time)."""
