@@ -8,6 +8,7 @@ import time
 from .errors import MinibloomError
 
 DEFAULT_MODEL = "bigscience/bloomz-560m"
+QUANTIZE_TIP_S = 5.0  # an int8 load slower than this suggests `minibloom convert`
 # subcommand -> module with `add_arguments(parser)` and `run(args) -> int`
 SUBCOMMANDS = {
     "bench": ("bench", "benchmark minibloom against transformers and CTranslate2 and the machine's floor"),
@@ -95,6 +96,10 @@ def generate(args) -> int:
     lm = load_from_args(args)
     print(f"[minibloom] loaded {lm.folder} ({lm.dtype}, {lm.device}, backend {lm.model.backend.name}) "
           f"in {lm.load_seconds:.2f} s", file=sys.stderr)
+    if lm.quantize and "quantization_config" not in lm.config and lm.load_seconds > QUANTIZE_TIP_S:
+        print(f"[minibloom] quantizing took most of that: `minibloom convert --model {args.model} --quantize "
+              f"{lm.quantize} --out DIR` saves the int8 weights once, and DIR loads without quantizing",
+              file=sys.stderr)
     if args.compile:
         print("[minibloom] --compile: the first decode step compiles (20-70 s on 2 cores; cached on disk)",
               file=sys.stderr)

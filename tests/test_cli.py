@@ -66,3 +66,13 @@ def test_bad_input_is_one_message_and_nonzero_exit(folder, args, message):
 def test_no_prompt_and_no_stdin(folder):
     out = run("generate", "--model", folder, stdin="")
     assert out.returncode == 2 and "empty prompt" in out.stderr
+
+
+def test_a_slow_quantized_load_suggests_convert(folder, monkeypatch, capsys):
+    from minibloom import cli
+    monkeypatch.setattr(cli, "QUANTIZE_TIP_S", 0.0)
+    assert cli.main(["generate", "--model", folder, "--quantize", "int8", "--max-new-tokens", "2", "Hello"]) == 0
+    assert f"minibloom convert --model {folder} --quantize int8 --out DIR" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "QUANTIZE_TIP_S", 1e9)
+    assert cli.main(["generate", "--model", folder, "--quantize", "int8", "--max-new-tokens", "2", "Hello"]) == 0
+    assert "minibloom convert" not in capsys.readouterr().err
