@@ -1,9 +1,11 @@
 """The `minibloom` command: generate (here), bench, parity and inspect (each in its own module)."""
 import argparse
 import importlib
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from .errors import MinibloomError
 
@@ -59,6 +61,12 @@ def parser() -> argparse.ArgumentParser:
                        description="Generate a completion. Tokens stream to stdout as they are made; load time "
                                    "and speed go to stderr.")
     g.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
+    g.add_argument("--prompts", metavar="FILE", default=None,
+                   help="generate for every prompt of FILE, in batches: one prompt per line, or JSON lines (.jsonl) "
+                        "with a \"prompt\" field; writes one JSON line per prompt, its fields plus \"completion\", in "
+                        "the file's order")
+    g.add_argument("--batch-size", type=positive_int, default=8,
+                   help="prompts per batch with --prompts (default 8); prompts of similar length are batched together")
     add_model_arguments(g)
     g.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate at most (default 64)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -85,7 +93,64 @@ def load_from_args(args):
                 compile=args.compile)
 
 
+def read_prompt_file(path: str) -> list[dict]:
+    """Records with a "prompt": one per non-empty line of a text file, or one per line of a .jsonl file (an object
+    with a "prompt" string, kept whole so ids or labels come back with the completion, or a bare JSON string)."""
+    p = Path(path)
+    if not p.is_file():
+        raise MinibloomError(f"--prompts {path}: no such file (one prompt per line, or JSON lines with \"prompt\")")
+    lines = [(i, line) for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    if p.suffix != ".jsonl":
+        records = [{"prompt": line} for _, line in lines]
+    else:
+        records = []
+        for i, line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MinibloomError(f"{path} line {i} is not JSON ({e}): write one JSON object per line") from e
+            rec = {"prompt": rec} if isinstance(rec, str) else rec
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise MinibloomError(f"{path} line {i} has no \"prompt\" string: write {{\"prompt\": \"...\"}}")
+            records.append(rec)
+    if not records:
+        raise MinibloomError(f"--prompts {path} has no prompts")
+    return records
+
+
+def generate_file(args, options) -> int:
+    """--prompts: batches of similar-length prompts (less padding), JSON lines out in the file's order."""
+    records = read_prompt_file(args.prompts)
+    lm = load_from_args(args)
+    print(f"[minibloom] loaded {lm.folder} ({lm.dtype}, {lm.device}, backend {lm.model.backend.name}) "
+          f"in {lm.load_seconds:.2f} s; {len(records)} prompts", file=sys.stderr)
+    lengths = [len(lm.tokenizer.encode(r["prompt"])) for r in records]
+    order = sorted(range(len(records)), key=lambda i: lengths[i])
+    completions = [None] * len(records)
+    t0, tokens = time.perf_counter(), 0
+    for start in range(0, len(order), args.batch_size):
+        batch = order[start:start + args.batch_size]
+        texts = lm.generate([records[i]["prompt"] for i in batch], **options)
+        for i, text in zip(batch, texts):
+            completions[i] = text
+            tokens += len(lm.tokenizer.encode(text))
+        print(f"[minibloom] {min(start + args.batch_size, len(order))}/{len(order)} prompts, "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    for rec, text in zip(records, completions):
+        sys.stdout.write(json.dumps({**rec, "completion": text}, ensure_ascii=False) + "\n")
+    dt = time.perf_counter() - t0
+    print(f"[minibloom] {len(records)} prompts in {dt:.2f} s, {tokens / dt:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
 def generate(args) -> int:
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                   stop=args.stop, seed=args.seed, num_beams=args.num_beams)
+    if args.prompts is not None:
+        if args.prompt is not None:
+            raise MinibloomError("pass a prompt or --prompts FILE, not both")
+        return generate_file(args, options)
     prompt = args.prompt
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
@@ -103,9 +168,6 @@ def generate(args) -> int:
     if args.compile:
         print("[minibloom] --compile: the first decode step compiles (20-70 s on 2 cores; cached on disk)",
               file=sys.stderr)
-    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                   stop=args.stop, seed=args.seed, num_beams=args.num_beams)
     t0 = time.perf_counter()
     n = 0
     if args.num_beams > 1:

@@ -1,4 +1,5 @@
 """The `minibloom` command as a user runs it: help, generate from an argument or stdin, and clear errors."""
+import json
 import subprocess
 import sys
 
@@ -76,3 +77,40 @@ def test_a_slow_quantized_load_suggests_convert(folder, monkeypatch, capsys):
     monkeypatch.setattr(cli, "QUANTIZE_TIP_S", 1e9)
     assert cli.main(["generate", "--model", folder, "--quantize", "int8", "--max-new-tokens", "2", "Hello"]) == 0
     assert "minibloom convert" not in capsys.readouterr().err
+
+
+def test_prompts_file_in_batches_keeps_order_and_fields(folder, tmp_path):
+    """--prompts: JSON lines out in the file's order, the same completions whatever the batch size (greedy
+    batches equal single rows); .jsonl records keep their other fields."""
+    text = tmp_path / "prompts.txt"
+    text.write_text("Translate to English: Je t'aime.\n\nHi\nA much longer prompt than the others, to sort last\n")
+    outs = [run("generate", "--model", folder, "--prompts", str(text), "--max-new-tokens", "5", "--batch-size", b,
+                "--backend", "reference") for b in ("1", "3")]
+    assert all(o.returncode == 0 for o in outs), outs[0].stderr
+    rows = [json.loads(line) for line in outs[0].stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["Translate to English: Je t'aime.", "Hi",
+                                           "A much longer prompt than the others, to sort last"]
+    assert all(r["completion"] for r in rows) and outs[0].stdout == outs[1].stdout
+    assert "3 prompts in" in outs[1].stderr
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('{"id": 7, "prompt": "Hi", "label": "x"}\n"Hi"\n')
+    out = run("generate", "--model", folder, "--prompts", str(jsonl), "--max-new-tokens", "5", "--backend", "reference")
+    first, second = (json.loads(line) for line in out.stdout.splitlines())
+    assert first["id"] == 7 and first["label"] == "x" and first["completion"] == rows[1]["completion"] == \
+        second["completion"]
+
+
+@pytest.mark.parametrize("content,args,message", [
+    (None, ("--prompts", "/nonexistent/prompts.txt"), "no such file"),
+    ("Hi\n", ("Hello",), "not both"),
+    ('{"prompt": "Hi"}\nnot json\n', (), "line 2 is not JSON"),
+    ('{"text": "Hi"}\n', (), 'line 1 has no "prompt" string'),
+    ("\n\n", (), "has no prompts"),
+])
+def test_prompts_file_mistakes(folder, tmp_path, content, args, message):
+    path = tmp_path / ("p.jsonl" if content and content.startswith("{") else "p.txt")
+    if content is not None:
+        path.write_text(content)
+        args = ("--prompts", str(path), *args)
+    out = run("generate", "--model", folder, *args)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
