@@ -53,7 +53,8 @@ def saved_config(lm) -> dict:
         config["quantization_config"] = {
             "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "mode": modes.pop(),
             "llm_int8_threshold": thresholds.pop(),
-            "weights": "<name>.weight int8 (out, in) and <name>.weight_scale float32 (out,): W ~ weight * scale[:, None]",
+            "weights": "<name>.weight int8 (out, in) and <name>.weight_scale float32 (out,): "
+                       "W ~ weight * scale[:, None]",
         }
     return config
 

@@ -278,8 +278,9 @@ def check_weight_memory(net, ckpt, names, dtype, device, quantizer, folder):
                      "weights are mapped from the file")
     hints.append("use a smaller model")
     advice = "; or ".join(hints)
+    how = str(dtype).replace("torch.", "") + (f" with quantize={quantizer.mode}" if quantizer else "")
     raise MinibloomError(
-        f"loading {folder} in {str(dtype).replace('torch.', '')}{' with quantize=' + quantizer.mode if quantizer else ''} "
+        f"loading {folder} in {how} "
         f"needs {_size(need)} of {'GPU ' if device.type == 'cuda' else ''}memory for its weights, but only "
         f"{_size(free)} is available. {advice[0].upper() + advice[1:]} (MINIBLOOM_SKIP_MEMORY_CHECK=1 "
         f"skips this check)")
