@@ -236,24 +236,27 @@ class LM:
             self.model.taps = None
 
 
-def weight_bytes(net, ckpt, names, dtype, device, quantized_on_load: bool) -> int:
+def weight_bytes(net, ckpt, names, dtype, device, quantized_on_load: bool, views: bool = False) -> int:
     """Bytes the weights will take in fresh memory: tensors converted to `dtype`, quantized on load, or copied to a
-    GPU. A CPU tensor kept in the file's dtype (int8 of a saved folder too) is a view of the file: no fresh memory."""
+    GPU. A CPU tensor kept in the file's dtype (int8 of a saved folder too) is a view of the file: no fresh memory;
+    views=True counts those instead (read from the file's pages in place)."""
     from .quantize import quantizable
-    total = 0
+    fresh = mapped = 0
     for pname, keys in names.items():
         key = next((k for k in keys if k in ckpt), None)
         if key is None:
             continue  # load_tensors names it
-        numel = math.prod(ckpt.shape(key))
+        numel, stored = math.prod(ckpt.shape(key)), ckpt.dtype(key)
         module_name, _, attr = pname.rpartition(".")
         if quantized_on_load and quantizable(net.get_submodule(module_name), attr):
-            total += numel + 4 * ckpt.shape(key)[0]           # int8 + one fp32 scale per row
+            fresh += numel + 4 * ckpt.shape(key)[0]           # int8 + one fp32 scale per row
         elif device.type != "cpu":
-            total += numel * (dtype.itemsize if ckpt.dtype(key).is_floating_point else ckpt.dtype(key).itemsize)
-        elif ckpt.dtype(key).is_floating_point and ckpt.dtype(key) != dtype:
-            total += numel * dtype.itemsize
-    return total
+            fresh += numel * (dtype.itemsize if stored.is_floating_point else stored.itemsize)
+        elif stored.is_floating_point and stored != dtype:
+            fresh += numel * dtype.itemsize
+        else:
+            mapped += numel * stored.itemsize
+    return mapped if views else fresh
 
 
 def check_weight_memory(net, ckpt, names, dtype, device, quantizer, folder):
@@ -263,6 +266,14 @@ def check_weight_memory(net, ckpt, names, dtype, device, quantizer, folder):
         return
     need = weight_bytes(net, ckpt, names, dtype, device, isinstance(quantizer, Quantizer))
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_ram()
+    total = _total_ram() if device.type == "cpu" else None
+    mapped = weight_bytes(net, ckpt, names, dtype, device, isinstance(quantizer, Quantizer), views=True)
+    if total is not None and mapped > 0 and mapped + need > total:
+        int8 = weight_bytes(net, ckpt, names, dtype, device, True) + weight_bytes(
+            net, ckpt, names, dtype, device, True, views=True)
+        ops._say_once(f"the weights of {folder} ({_size(mapped)} read from the file in place, {_size(need)} in memory) "
+                      f"exceed this machine's {_size(total)} of RAM: every token will read them from disk. In int8 "
+                      f"(quantize='int8', or a minibloom convert --quantize int8 folder) they take {_size(int8)}")
     if free is None or need <= 0.95 * free:
         return
     own = ckpt.float_dtype()
@@ -303,15 +314,23 @@ def check_memory(model, batch: int, prompt_len: int, new_tokens: int, dtype, dev
             f"KV cache, but only {free / 2**30:.1f} GiB is free: lower max_new_tokens, the batch or the prompt length")
 
 
-def _available_ram():
+def _meminfo(field: str):
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _available_ram():
+    return _meminfo("MemAvailable")
+
+
+def _total_ram():
+    return _meminfo("MemTotal")
 
 
 def _cut_at_stop(text: str, stop) -> str:

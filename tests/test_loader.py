@@ -305,3 +305,17 @@ def test_dtype_conversion_in_chunks_equals_a_whole_tensor_cast(monkeypatch):
     for key in ("word_embeddings.weight", "h.0.self_attention.query_key_value.weight", "h.0.input_layernorm.bias"):
         assert torch.equal(ckpt.tensor(key, torch.bfloat16), load_file(folder / "model.safetensors")[key].bfloat16())
     assert ckpt._buffer.numel() <= 1000                                     # never a whole tensor
+
+
+def test_weights_larger_than_ram_are_mapped_with_a_warning(monkeypatch, capsys):
+    """Weights kept in the file's dtype load as views whatever their size, but if they exceed the machine's RAM
+    every token reads them from disk: said once on stderr, with the int8 size."""
+    import minibloom.lm as lm_module
+    folder = bloom_checkpoint(TINY_BLOOM)
+    monkeypatch.setattr(lm_module, "_total_ram", lambda: 100 * 1024)
+    minibloom.load(folder, dtype="float32")
+    err = capsys.readouterr().err
+    assert "read from the file in place" in err and "every token will read them from disk" in err and "In int8" in err
+    monkeypatch.setattr(lm_module, "_total_ram", lambda: 2**40)
+    minibloom.load(bloom_checkpoint(TINY_BLOOM, seed=1), dtype="float32")
+    assert "from disk" not in capsys.readouterr().err
