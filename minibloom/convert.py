@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 from .errors import MinibloomError
-from .loader import write_checkpoint
+from .loader import dtype_name, write_checkpoint
 from .quantize import FORMAT_VERSION, QUANT_METHOD
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -41,7 +40,7 @@ def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def saved_config(lm) -> dict:
     """config.json for the saved folder: the source's, with the saved dtype and, for int8, how to read it."""
     config = dict(lm.config)
-    config["torch_dtype"] = DTYPE_NAMES[lm.dtype]
+    config["torch_dtype"] = dtype_name(lm.dtype)
     config.pop("quantization_config", None)
     quantized = [m for m in lm.model.modules() if getattr(m, "weight_scale", None) is not None]
     if quantized:
@@ -146,7 +145,7 @@ def run(args) -> int:
               int8_threshold=args.int8_threshold)
     files = save(lm, args.out, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
     size = sum((Path(args.out) / f).stat().st_size for f in files)
-    kind = args.quantize or DTYPE_NAMES[lm.dtype]
+    kind = args.quantize or dtype_name(lm.dtype)
     print(f"[minibloom] wrote {args.out} ({kind}): {len(files)} files, {size / 1e6:,.0f} MB, in "
           f"{time.perf_counter() - t0:.1f} s. Load it with: minibloom generate --model {args.out}", file=sys.stderr)
     return 0

@@ -13,7 +13,7 @@ from . import ops
 from .errors import MinibloomError
 from .generate import GenerationOptions, decode_tokens
 from .hub import resolve
-from .loader import Checkpoint, check_loaded, load_tensors, parse_dtype, read_config
+from .loader import Checkpoint, check_loaded, dtype_name, load_tensors, parse_dtype, read_config
 from .tokenizer import Tokenizer
 
 
@@ -279,7 +279,7 @@ def check_weight_memory(net, ckpt, names, dtype, device, quantizer, folder):
     own = ckpt.float_dtype()
     hints = []
     if device.type == "cpu" and own != dtype and own.itemsize < dtype.itemsize:
-        hints.append(f"load it in the file's own dtype ({str(own).replace('torch.', '')}: dtype=None, CLI --dtype "
+        hints.append(f"load it in the file's own dtype ({dtype_name(own)}: dtype=None, CLI --dtype "
                      f"auto), mapped from the file")
     if quantizer is None:
         int8 = weight_bytes(net, ckpt, names, dtype, device, True)
@@ -289,7 +289,7 @@ def check_weight_memory(net, ckpt, names, dtype, device, quantizer, folder):
                      "weights are mapped from the file")
     hints.append("use a smaller model")
     advice = "; or ".join(hints)
-    how = str(dtype).replace("torch.", "") + (f" with quantize={quantizer.mode}" if quantizer else "")
+    how = dtype_name(dtype) + (f" with quantize={quantizer.mode}" if quantizer else "")
     raise MinibloomError(
         f"loading {folder} in {how} "
         f"needs {_size(need)} of {'GPU ' if device.type == 'cuda' else ''}memory for its weights, but only "

@@ -7,6 +7,7 @@ copy in memory). A tensor that must change dtype (or be quantized) is read with 
 file's pages never pile up in memory next to the converted copy.
 """
 import json
+import math
 import mmap
 import os
 import struct
@@ -23,9 +24,14 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 SAFETENSORS_NAMES = {dt: name for name, dt in SAFETENSORS_DTYPES.items()}
-CONVERT_CHUNK_BYTES = 8 << 20  # a tensor converted to another dtype is read this much at a time
+CHUNK_BYTES = 8 << 20  # a tensor converted to another dtype or quantized is read this much at a time
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16' (config.json's torch_dtype spelling)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -129,7 +135,7 @@ class Checkpoint:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self._buffer = torch.empty(0, dtype=torch.uint8)  # file reads for dtype conversion, reused
+        self._buffer = torch.empty(0, dtype=torch.uint8)  # row_chunks' file reads, reused
         index = self.folder / "model.safetensors.index.json"
         single = self.folder / "model.safetensors"
         if index.is_file():
@@ -182,19 +188,24 @@ class Checkpoint:
         if device.type != "cpu":
             return file.read(key).to(device=device, dtype=dtype)
         out = ops.empty_huge(self.shape(key), dtype, device)
-        if out.dim() == 0 or out.shape[0] == 0:
+        if out.dim() == 0:
             return out.copy_(file.read(key))
-        rows = max(1, CONVERT_CHUNK_BYTES // max(1, out[0].numel() * self.dtype(key).itemsize))
-        if self._buffer.numel() < rows * out[0].numel() * self.dtype(key).itemsize:
-            self._buffer = torch.empty(rows * out[0].numel() * self.dtype(key).itemsize, dtype=torch.uint8)
-        for start in range(0, out.shape[0], rows):  # through one reused buffer: no fresh pages per read
-            part = slice(start, min(start + rows, out.shape[0]))
-            out[part].copy_(file.read(key, part, self._buffer))
+        for rows, chunk in self.row_chunks(key):
+            out[rows].copy_(chunk)
         return out
 
-    def rows(self, key: str, rows: slice, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows of a tensor in its own dtype, in fresh memory or in `buffer` (for quantizing a chunk at a time)."""
-        return self.where[key].read(key, rows, buffer)
+    def row_chunks(self, key: str):
+        """(rows, tensor) pieces of a tensor (dim >= 1) in its own dtype, about CHUNK_BYTES each, for converting or
+        quantizing a chunk at a time. They are read one after another into one reused buffer (no fresh pages per
+        read), so each piece is valid only until the next is read."""
+        shape, itemsize = self.shape(key), self.dtype(key).itemsize
+        row_bytes = math.prod(shape[1:]) * itemsize
+        step = max(1, CHUNK_BYTES // max(1, row_bytes))
+        if self._buffer.numel() < min(step, shape[0]) * row_bytes:
+            self._buffer = torch.empty(min(step, shape[0]) * row_bytes, dtype=torch.uint8)
+        for start in range(0, shape[0], step):
+            rows = slice(start, min(start + step, shape[0]))
+            yield rows, self.where[key].read(key, rows, self._buffer)
 
     def float_dtype(self) -> torch.dtype:
         """The dtype most floating-point tensors are stored in."""

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .errors import MinibloomError
+from .loader import dtype_name
 
 # rel = max|ours - transformers| / max|transformers| allowed per layer. fp32: summation order only (fused kernels,
 # other GEMM blockings); bf16/fp16: a few units in the last place of the format, compounded over the layers;
@@ -302,10 +303,10 @@ def check(lm, hf, prompts: list, *, new_tokens: int = 16, num_beams: int = 1, to
     if lm.model.config.vocab_size != hf.config.vocab_size:
         raise MinibloomError(f"different vocabularies: minibloom's model has {lm.model.config.vocab_size} rows, "
                              f"transformers' {hf.config.vocab_size}: compare the same checkpoint")
-    mode = quantize or _dtype_name(lm.dtype)
+    mode = quantize or dtype_name(lm.dtype)
     tol = TOLERANCES[mode] if tolerance is None else tolerance
     report = Report(model=str(lm.folder), reference_model=str(reference_model or lm.folder),
-                    dtype=_dtype_name(lm.dtype), backend=lm.model.backend.name, quantize=quantize,
+                    dtype=dtype_name(lm.dtype), backend=lm.model.backend.name, quantize=quantize,
                     device=str(lm.device), tolerance=tol, tolerance_mode=mode if tolerance is None else "user",
                     prompts=list(prompts))
     ids, mask = lm.encode_batch(prompts)
@@ -426,10 +427,6 @@ def plot(r: Report, path):
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _versions() -> dict:

@@ -29,7 +29,6 @@ from . import ops
 from .errors import MinibloomError
 
 MODES = ("int8", "int8-weight")
-CHUNK_ROWS = 1024
 QUANT_METHOD = "minibloom-int8"   # config.json quantization_config.quant_method of a saved int8 folder
 FORMAT_VERSION = 1
 
@@ -61,7 +60,6 @@ class Quantizer:
             self.into = quantize_rows_into
         from .kernels.matmul_ref import quantize_rows_ref
         self.quantize_rows = quantize_rows_ref
-        self.buffer = torch.empty(0, dtype=torch.uint8)  # one read buffer for every chunk of float rows
 
     @contextlib.contextmanager
     def loading(self):
@@ -84,12 +82,7 @@ class Quantizer:
         N, K = ckpt.shape(key)
         wq = ops.empty_huge((N, K), torch.int8, self.device)
         scale = torch.empty(N, dtype=torch.float32, device=self.device)
-        chunk_bytes = min(CHUNK_ROWS, N) * K * ckpt.dtype(key).itemsize
-        if self.buffer.numel() < chunk_bytes:
-            self.buffer = torch.empty(chunk_bytes, dtype=torch.uint8)
-        for start in range(0, N, CHUNK_ROWS):  # a few MB of float rows in memory at a time
-            rows = slice(start, min(start + CHUNK_ROWS, N))
-            w = ckpt.rows(key, rows, self.buffer)
+        for rows, w in ckpt.row_chunks(key):  # a few MB of float rows in memory at a time
             if self.into is not None:
                 self.into(w, wq[rows], scale[rows])
             else:

@@ -300,7 +300,7 @@ def test_dtype_conversion_in_chunks_equals_a_whole_tensor_cast(monkeypatch):
     """A tensor loaded in another dtype is read through one reused buffer, a few rows at a time."""
     from minibloom import loader
     folder = bloom_checkpoint(TINY_BLOOM)
-    monkeypatch.setattr(loader, "CONVERT_CHUNK_BYTES", 1000)               # 3 rows of 64 fp32 per read
+    monkeypatch.setattr(loader, "CHUNK_BYTES", 1000)               # 3 rows of 64 fp32 per read
     ckpt = loader.Checkpoint(folder)
     for key in ("word_embeddings.weight", "h.0.self_attention.query_key_value.weight", "h.0.input_layernorm.bias"):
         assert torch.equal(ckpt.tensor(key, torch.bfloat16), load_file(folder / "model.safetensors")[key].bfloat16())
