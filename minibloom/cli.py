@@ -93,6 +93,18 @@ def load_from_args(args):
                 compile=args.compile)
 
 
+def load_and_report(args):
+    """load_from_args, with the load time on stderr (and a hint when quantizing on load was slow)."""
+    lm = load_from_args(args)
+    print(f"[minibloom] loaded {lm.folder} ({lm.dtype}, {lm.device}, backend {lm.model.backend.name}) "
+          f"in {lm.load_seconds:.2f} s", file=sys.stderr)
+    if lm.quantize and "quantization_config" not in lm.config and lm.load_seconds > QUANTIZE_TIP_S:
+        print(f"[minibloom] quantizing took most of that: `minibloom convert --model {args.model} --quantize "
+              f"{lm.quantize} --out DIR` saves the int8 weights once, and DIR loads without quantizing",
+              file=sys.stderr)
+    return lm
+
+
 def read_prompt_file(path: str) -> list[dict]:
     """Records with a "prompt": one per non-empty line of a text file, or one per line of a .jsonl file (an object
     with a "prompt" string, kept whole so ids or labels come back with the completion, or a bare JSON string)."""
@@ -121,9 +133,7 @@ def read_prompt_file(path: str) -> list[dict]:
 def generate_file(args, options) -> int:
     """--prompts: batches of similar-length prompts (less padding), JSON lines out in the file's order."""
     records = read_prompt_file(args.prompts)
-    lm = load_from_args(args)
-    print(f"[minibloom] loaded {lm.folder} ({lm.dtype}, {lm.device}, backend {lm.model.backend.name}) "
-          f"in {lm.load_seconds:.2f} s; {len(records)} prompts", file=sys.stderr)
+    lm = load_and_report(args)
     lengths = [len(lm.tokenizer.encode(r["prompt"])) for r in records]
     order = sorted(range(len(records)), key=lambda i: lengths[i])
     completions = [None] * len(records)
@@ -158,13 +168,7 @@ def generate(args) -> int:
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise MinibloomError("empty prompt: give the model some text to continue")
-    lm = load_from_args(args)
-    print(f"[minibloom] loaded {lm.folder} ({lm.dtype}, {lm.device}, backend {lm.model.backend.name}) "
-          f"in {lm.load_seconds:.2f} s", file=sys.stderr)
-    if lm.quantize and "quantization_config" not in lm.config and lm.load_seconds > QUANTIZE_TIP_S:
-        print(f"[minibloom] quantizing took most of that: `minibloom convert --model {args.model} --quantize "
-              f"{lm.quantize} --out DIR` saves the int8 weights once, and DIR loads without quantizing",
-              file=sys.stderr)
+    lm = load_and_report(args)
     if args.compile:
         print("[minibloom] --compile: the first decode step compiles (20-70 s on 2 cores; cached on disk)",
               file=sys.stderr)

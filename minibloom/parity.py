@@ -31,6 +31,7 @@ import torch
 
 from .errors import MinibloomError
 from .loader import dtype_name
+from .quantize import QUANT_METHOD
 
 # rel = max|ours - transformers| / max|transformers| allowed per layer. fp32: summation order only (fused kernels,
 # other GEMM blockings); bf16/fp16: a few units in the last place of the format, compounded over the layers;
@@ -102,7 +103,7 @@ def load_transformers(folder, dtype: torch.dtype, device):
     """transformers' model for `folder`: eager attention, our dtype, every weight from the file."""
     transformers = import_transformers()
     config = json.loads((Path(folder) / "config.json").read_text())
-    if (config.get("quantization_config") or {}).get("quant_method") == "minibloom-int8":
+    if (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
         raise MinibloomError(f"{folder} holds minibloom's int8 weights (minibloom convert), which transformers "
                              f"cannot read: compare against the float checkpoint they came from, "
                              f"--reference-model SOURCE")

@@ -42,8 +42,8 @@ def check_options(mode: str, threshold: float):
 
 def quantizable(module, attr: str) -> bool:
     """Whether quantize= stores this parameter in int8: the weight matrices of Linear and Embedding modules."""
-    return attr == "weight" and isinstance(module, (ops.Linear, ops.Embedding)) and not getattr(module, "keep_float",
-                                                                                                   False)
+    return (attr == "weight" and isinstance(module, (ops.Linear, ops.Embedding))
+            and not getattr(module, "keep_float", False))
 
 
 class Quantizer:
