@@ -255,6 +255,8 @@ def task_prepare(spec) -> dict:
 
 SHAPES = {  # --shape name -> (builder in minibloom.checkpoints, shape constant, file dtype as on the Hub)
     "bloomz-560m": ("bloom_checkpoint", "BLOOMZ_560M", "float16"),
+    "bloomz-1b7": ("bloom_checkpoint", "BLOOMZ_1B7", "float16"),
+    "bloomz-3b": ("bloom_checkpoint", "BLOOMZ_3B", "float16"),
     "mt0-small": ("mt5_checkpoint", "MT0_SMALL", "float32"),
     "mt0-base": ("mt5_checkpoint", "MT0_BASE", "float32"),
     "tiny-bloom": ("bloom_checkpoint", "TINY_BLOOM", "float32"),

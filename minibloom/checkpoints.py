@@ -89,6 +89,8 @@ def write_bloom_tokenizer(folder: Path, vocab_size: int = 600):
 
 TINY_BLOOM = dict(vocab_size=640, hidden_size=64, n_layer=3, n_head=4)
 BLOOMZ_560M = dict(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16)
+BLOOMZ_1B7 = dict(vocab_size=250880, hidden_size=2048, n_layer=24, n_head=16)    # head dim 128
+BLOOMZ_3B = dict(vocab_size=250880, hidden_size=2560, n_layer=30, n_head=32)     # head dim 80
 
 
 def hf_bloom(shape: dict, seed: int = 0, scale: float = 1.0):

@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import MinibloomError
 
 DEFAULT_MODEL = "bigscience/bloomz-560m"
-QUANTIZE_TIP_S = 5.0  # an int8 load slower than this suggests `minibloom convert`
+CONVERT_TIP_S = 5.0  # a load that quantized or cast the weights and took longer suggests `minibloom convert`
 # subcommand -> module with `add_arguments(parser)` and `run(args) -> int`
 SUBCOMMANDS = {
     "bench": ("bench", "benchmark minibloom against transformers and CTranslate2 and the machine's floor"),
@@ -94,14 +94,21 @@ def load_from_args(args):
 
 
 def load_and_report(args):
-    """load_from_args, with the load time on stderr (and a hint when quantizing on load was slow)."""
+    """load_from_args, with the load time on stderr, and a hint when quantizing or casting on load was slow."""
     lm = load_from_args(args)
     print(f"[minibloom] loaded {lm.folder} ({lm.dtype}, {lm.device}, backend {lm.model.backend.name}) "
           f"in {lm.load_seconds:.2f} s", file=sys.stderr)
-    if lm.quantize and "quantization_config" not in lm.config and lm.load_seconds > QUANTIZE_TIP_S:
-        print(f"[minibloom] quantizing took most of that: `minibloom convert --model {args.model} --quantize "
-              f"{lm.quantize} --out DIR` saves the int8 weights once, and DIR loads without quantizing",
-              file=sys.stderr)
+    if lm.load_seconds > CONVERT_TIP_S and "quantization_config" not in lm.config:
+        if lm.quantize:
+            print(f"[minibloom] quantizing took most of that: `minibloom convert --model {args.model} --quantize "
+                  f"{lm.quantize} --out DIR` saves the int8 weights once, and DIR loads without quantizing",
+                  file=sys.stderr)
+        elif lm.device.type == "cpu" and lm.dtype != lm.file_dtype:
+            from .loader import dtype_name
+            name = dtype_name(lm.dtype)
+            print(f"[minibloom] casting the {dtype_name(lm.file_dtype)} weights to {name} took most of that: "
+                  f"`minibloom convert --model {args.model} --dtype {name} --out DIR` saves them once, and DIR "
+                  f"loads in a fraction of a second (mapped from the file)", file=sys.stderr)
     return lm
 
 

@@ -93,6 +93,7 @@ def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "
         net.compile_step()
     lm = LM(net, Tokenizer(folder, config), config, folder, dtype, dev)
     lm.quantize = quantizer.mode if quantizer else None
+    lm.file_dtype = ckpt.float_dtype()
     lm.load_seconds = time.perf_counter() - t0
     return lm
 
@@ -111,6 +112,7 @@ class LM:
         self.is_encoder_decoder = model.is_encoder_decoder
         self.load_seconds = 0.0
         self.quantize = None  # None | "int8" | "int8-weight": how the weights were loaded
+        self.file_dtype = dtype  # the dtype most weights are stored in on disk
 
     # -- prompts -> tensors ------------------------------------------------------------------------------------------
     def encode_batch(self, prompts: list[str]):

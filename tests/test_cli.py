@@ -69,12 +69,18 @@ def test_no_prompt_and_no_stdin(folder):
     assert out.returncode == 2 and "empty prompt" in out.stderr
 
 
-def test_a_slow_quantized_load_suggests_convert(folder, monkeypatch, capsys):
+def test_a_slow_quantized_or_cast_load_suggests_convert(folder, monkeypatch, capsys):
     from minibloom import cli
-    monkeypatch.setattr(cli, "QUANTIZE_TIP_S", 0.0)
+    monkeypatch.setattr(cli, "CONVERT_TIP_S", 0.0)
     assert cli.main(["generate", "--model", folder, "--quantize", "int8", "--max-new-tokens", "2", "Hello"]) == 0
     assert f"minibloom convert --model {folder} --quantize int8 --out DIR" in capsys.readouterr().err
-    monkeypatch.setattr(cli, "QUANTIZE_TIP_S", 1e9)
+    assert cli.main(["generate", "--model", folder, "--dtype", "bfloat16", "--max-new-tokens", "2", "Hello"]) == 0
+    err = capsys.readouterr().err
+    assert "casting the float32 weights to bfloat16" in err
+    assert f"minibloom convert --model {folder} --dtype bfloat16 --out DIR" in err
+    assert cli.main(["generate", "--model", folder, "--dtype", "float32", "--max-new-tokens", "2", "Hello"]) == 0
+    assert "minibloom convert" not in capsys.readouterr().err      # the file's own dtype: nothing to save
+    monkeypatch.setattr(cli, "CONVERT_TIP_S", 1e9)
     assert cli.main(["generate", "--model", folder, "--quantize", "int8", "--max-new-tokens", "2", "Hello"]) == 0
     assert "minibloom convert" not in capsys.readouterr().err
 
