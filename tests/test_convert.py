@@ -45,6 +45,10 @@ def test_saved_folder_loads_back_bit_equal(tmp_path, family, quantize):
         assert emb.weight.dtype == torch.int8 and emb.quant == quantize and head.quant == quantize
     else:
         assert "quantization_config" not in config
+    # every weight whose size allows it is mapped on a 64-byte boundary (the kernels' vector loads)
+    params = list(b.model.named_parameters())
+    assert all(p.data_ptr() % 64 == 0 for _, p in params if p.numel() * p.element_size() % 64 == 0)
+    assert sum(p.numel() * p.element_size() % 64 == 0 for _, p in params) > 0.9 * len(params)
 
 
 def test_saved_int8_weights_are_file_views_and_the_mode_can_change_on_load(tmp_path):
