@@ -64,7 +64,8 @@ def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "
     arch = importlib.import_module(f".{ARCHITECTURES[model_type]}", __package__)
     ckpt = Checkpoint(folder)
     be = ops.get_backend(backend, dev)
-    dtype = want_dtype or _config_dtype(config) or ckpt.float_dtype()
+    file_dtype = ckpt.float_dtype()
+    dtype = want_dtype or _config_dtype(config) or file_dtype
     net = arch.build(config)
     from .quantize import Quantizer, SavedInt8, saved_quantization
     saved = saved_quantization(config, folder)
@@ -93,7 +94,7 @@ def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "
         net.compile_step()
     lm = LM(net, Tokenizer(folder, config), config, folder, dtype, dev)
     lm.quantize = quantizer.mode if quantizer else None
-    lm.file_dtype = ckpt.float_dtype()
+    lm.file_dtype = file_dtype
     lm.load_seconds = time.perf_counter() - t0
     return lm
 

@@ -277,10 +277,6 @@ def load_tensors(model: torch.nn.Module, ckpt: Checkpoint, names: dict[str, list
 ALIGN = 64  # bytes: a cache line, and an AVX-512 vector
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
     """Write one .safetensors file (the format SafetensorsFile reads), tensor by tensor from their own memory.
 
@@ -292,13 +288,13 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     never leaves a truncated file.
     """
     path = Path(path)
-    order = sorted(tensors, key=lambda k: (_nbytes(tensors[k]) % ALIGN != 0, -tensors[k].element_size()))  # stable
+    order = sorted(tensors, key=lambda k: (tensors[k].nbytes % ALIGN != 0, -tensors[k].element_size()))  # stable
     header, offset = {}, 0
     for name in order:
         t = tensors[name]
         if t.dtype not in SAFETENSORS_NAMES:
             raise MinibloomError(f"cannot write {name!r}: safetensors has no {t.dtype}")
-        nbytes = _nbytes(t)
+        nbytes = t.nbytes
         header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -321,7 +317,7 @@ def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], max_shard_b
     model.safetensors.index.json, as the Hub stores them. Returns the file names written."""
     shards, size = [[]], 0
     for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+        nbytes = t.nbytes
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -337,7 +333,7 @@ def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], max_shard_b
         write_safetensors(folder / file, {n: tensors[n] for n in names}, meta)
         files.append(file)
         weight_map.update({n: file for n in names})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    total = sum(t.nbytes for t in tensors.values())
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     return files + ["model.safetensors.index.json"]
