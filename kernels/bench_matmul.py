@@ -9,6 +9,7 @@ Reports the median over repeats, per variant, and the floor = weight bytes / mea
     python -m minibloom.kernels.bench_matmul --rows 8         # batched decode
     python -m minibloom.kernels.bench_matmul --prefill 128    # prefill, 24 layers without lm_head
     python -m minibloom.kernels.bench_matmul --crossover      # one fc1 layer, M sweep: where stock ops win
+    python -m minibloom.kernels.bench_matmul --rows 12 --ours-at-any-rows   # our kernels past PREFILL_MIN_ROWS
 """
 import argparse
 import statistics
@@ -150,12 +151,16 @@ def main():
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--only", default="", help="comma-separated substrings of variant names")
     p.add_argument("--crossover", action="store_true", help="M sweep on one layer, ours vs stock")
+    p.add_argument("--ours-at-any-rows", action="store_true",
+                   help="our kernels at every M (PREFILL_MIN_ROWS off), to measure where stock ops should take over")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     ok, reason = mm.available()
     if not ok:
         raise SystemExit(f"kernels unavailable: {reason}")
+    if a.ours_at_any_rows:
+        mm.PREFILL_MIN_ROWS.update(dict.fromkeys(mm.PREFILL_MIN_ROWS, mm.NEVER))
     if a.crossover:
         return crossover(only=tuple(a.only.split(",")) if a.only else ())
     names = [n for n in variants() if not a.only or any(s in n for s in a.only.split(","))]

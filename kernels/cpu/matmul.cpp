@@ -80,6 +80,8 @@ static inline void store_y(void* y, int dt, int64_t i, float v) {
 
 static inline uint64_t tail_mask(int64_t n) { return n >= 64 ? ~0ULL : ((1ULL << n) - 1); }
 
+static inline int64_t dt_size(int dt) { return dt == DT_F32 ? 4 : 2; }
+
 // ---------------------------------------------------------------------------------------------------------
 // Tile driver: each OpenMP thread takes whole NR-row panels of W (N is split, weights are streamed once);
 // inside a panel all M rows of x are swept in MR-row tiles, so for M <= 8 one pass over W serves every row.
@@ -142,7 +144,7 @@ static const bool g_sw_prefetch = sw_prefetch_rule();
     if constexpr (PF) _mm_prefetch((const char*)(p), _MM_HINT_T0); \
   } while (0)
 
-// Row driver (decode, M <= 8; AVX-512 and AVX2): each OpenMP thread owns a contiguous range of weight rows and
+// Row driver (decode, M <= ROW_GROUPS_MAX_M; AVX-512 and AVX2): each OpenMP thread owns a contiguous range of weight rows and
 // reads each row once, front to back, dotting it with every row of x (which stays in L1). One sequential weight
 // stream per thread is what the hardware prefetchers follow best: on Sapphire Rapids it streams W at the
 // machine's read bandwidth, where interleaving 8 rows per panel (the tile driver) reached two thirds of it; on
@@ -174,19 +176,29 @@ static inline bool claim(ChunkRange& r, bool from_front, int64_t& chunk) {
   }
 }
 
-template <class Kern, int MR, bool PF, class Ctx>
+// x rows per row-kernel call: up to 8, whose accumulators fit the registers. A larger M (batched decode, up to
+// ROW_GROUPS_MAX_M) is swept in groups of 8, then the rest (TAIL), over each ~16 KiB chunk of weight rows while
+// it sits in L1, so W is still read from memory once. The tile driver did M > 8 before: 2.3-4x the time of M = 8
+// for 9-15 rows (bench_matmul --rows, kernels/MATMUL.md).
+constexpr int64_t ROW_GROUPS_MAX_M = 64;
+
+template <class Kern, int MR, int TAIL, bool PF, class Ctx>
 static void rows_balanced(const Ctx& c, ChunkRange* ranges, int64_t T, int64_t t, int64_t rows_per_chunk) {
   int64_t chunk;
   // The loop over rows lives inside the kernel: a target-attribute function cannot be inlined here,
   // and a call per weight row costs more than the row itself for lm_head's 250,880 rows of 1 KiB.
   for (int64_t v = 0; v < T; v++) {  // v = 0: our own range from the front; then the others' from the back
     ChunkRange& r = ranges[(t + v) % T];
-    while (claim(r, v == 0, chunk))
-      Kern::template rows<MR, PF>(c, chunk * rows_per_chunk, std::min(c.N, (chunk + 1) * rows_per_chunk));
+    while (claim(r, v == 0, chunk)) {
+      const int64_t n0 = chunk * rows_per_chunk, n1 = std::min(c.N, n0 + rows_per_chunk);
+      int64_t m0 = 0;
+      for (; m0 + MR <= c.M; m0 += MR) Kern::template rows<MR, PF>(c.row_group(m0, MR), n0, n1);
+      if constexpr (TAIL > 0) Kern::template rows<TAIL, PF>(c.row_group(m0, TAIL), n0, n1);
+    }
   }
 }
 
-template <class Kern, int MR, class Ctx>
+template <class Kern, int MR, int TAIL, class Ctx>
 static void drive_rows(const Ctx& c) {
   const bool par = c.N * c.K * c.M >= (1 << 16);
   const int64_t T = par ? omp_get_max_threads() : 1;
@@ -200,25 +212,37 @@ static void drive_rows(const Ctx& c) {
   {
     const int64_t t = omp_get_thread_num();
     if (g_sw_prefetch)
-      rows_balanced<Kern, MR, true>(c, ranges.data(), T, t, rows_per_chunk);
+      rows_balanced<Kern, MR, TAIL, true>(c, ranges.data(), T, t, rows_per_chunk);
     else
-      rows_balanced<Kern, MR, false>(c, ranges.data(), T, t, rows_per_chunk);
+      rows_balanced<Kern, MR, TAIL, false>(c, ranges.data(), T, t, rows_per_chunk);
   }
 }
 
 // Returns false when M is too large for the row kernels (prefill): the caller uses the tiles.
 template <class Kern, class Ctx>
 static bool run_rows(const Ctx& c) {
-  switch (c.M) {
-    case 1: return drive_rows<Kern, 1>(c), true;
-    case 2: return drive_rows<Kern, 2>(c), true;
-    case 3: return drive_rows<Kern, 3>(c), true;
-    case 4: return drive_rows<Kern, 4>(c), true;
-    case 5: return drive_rows<Kern, 5>(c), true;
-    case 6: return drive_rows<Kern, 6>(c), true;
-    case 7: return drive_rows<Kern, 7>(c), true;
-    case 8: return drive_rows<Kern, 8>(c), true;
-    default: return false;
+  if (c.M < 1 || c.M > ROW_GROUPS_MAX_M) return false;
+  if (c.M <= 8) {
+    switch (c.M) {
+      case 1: return drive_rows<Kern, 1, 0>(c), true;
+      case 2: return drive_rows<Kern, 2, 0>(c), true;
+      case 3: return drive_rows<Kern, 3, 0>(c), true;
+      case 4: return drive_rows<Kern, 4, 0>(c), true;
+      case 5: return drive_rows<Kern, 5, 0>(c), true;
+      case 6: return drive_rows<Kern, 6, 0>(c), true;
+      case 7: return drive_rows<Kern, 7, 0>(c), true;
+      default: return drive_rows<Kern, 8, 0>(c), true;
+    }
+  }
+  switch (c.M % 8) {
+    case 0: return drive_rows<Kern, 8, 0>(c), true;
+    case 1: return drive_rows<Kern, 8, 1>(c), true;
+    case 2: return drive_rows<Kern, 8, 2>(c), true;
+    case 3: return drive_rows<Kern, 8, 3>(c), true;
+    case 4: return drive_rows<Kern, 8, 4>(c), true;
+    case 5: return drive_rows<Kern, 8, 5>(c), true;
+    case 6: return drive_rows<Kern, 8, 6>(c), true;
+    default: return drive_rows<Kern, 8, 7>(c), true;
   }
 }
 
@@ -444,6 +468,15 @@ struct W8A8 {
   const int16_t* x16 = nullptr;  // (M, K) xq widened once, for the AVX2 row kernel
   int64_t xmask = 0;             // the VNNI row kernel reads x's 64-byte chunk c at chunk c ^ xmask (scramble_x)
 
+  // Rows [m0, m0 + mr) of x and y, as a context of their own (the row driver's groups).
+  W8A8 row_group(int64_t m0, int64_t mr) const {
+    W8A8 g = *this;
+    g.x += m0 * K, g.s_x += m0, g.sum_x += m0, g.xo += m0 * n_out, g.M = mr;
+    g.y = (char*)y + m0 * N * dt_size(y_dt);
+    if (x16) g.x16 += m0 * K;
+    return g;
+  }
+
   // y = acc * s_x[m] * w_scale[n] + x[m, O] . deq(W[n, O]) + b[n]; the same float order as the reference.
   inline void store(int64_t m, int64_t n, int32_t acc) const {
     float v = (float)acc * s_x[m] * w_scale[n];
@@ -632,7 +665,7 @@ static void scramble_x(const T* x, int64_t M, int64_t K, int64_t xmask, T* xs) {
 // 4 KiB) and fp32 K = 1024 (4 KiB, 4 KiB) 0.87-0.89x the time, weight-only int8 (fp32 x of 4 or 16 KiB, rows of 1
 // or 4 KiB) 0.77-0.87x; none with a 1 KiB x; fp32 K = 4096 (16 KiB rows) 1.01-1.06x, so not there.
 static bool scramble_rows(int64_t M, int64_t K, int64_t x_size, int64_t w_size) {
-  return M <= 8 && K * x_size >= 2048 && K * x_size % 512 == 0 && K * w_size <= 4096;
+  return M <= ROW_GROUPS_MAX_M && K * x_size >= 2048 && K * x_size % 512 == 0 && K * w_size <= 4096;
 }
 
 // One call of an AVX-512 kernel with scrambled row reads (W8A8Vnni, FmaAvx512): decode rows, with x scrambled
@@ -665,7 +698,7 @@ void linear_w8a8(const void* x, int x_dt, const int8_t* w, const float* w_scale,
   if (use_vnni()) {
     run_scrambled_rows_or_tiles<W8A8Vnni>(c);
   } else if (use_avx2()) {
-    if (M <= 8) {
+    if (M <= ROW_GROUPS_MAX_M) {
       x16.assign(q.begin(), q.end());
       c.x16 = x16.data();
     }
@@ -789,6 +822,12 @@ struct WInt8 {
   int y_dt;
   int64_t xmask = 0;  // the AVX-512 row kernel reads x's 64-byte chunk c at chunk c ^ xmask (scramble_x)
 
+  WInt8 row_group(int64_t m0, int64_t mr) const {  // rows [m0, m0 + mr) of x and y
+    WInt8 g = *this;
+    g.x += m0 * K, g.M = mr, g.y = (char*)y + m0 * N * dt_size(y_dt);
+    return g;
+  }
+
   inline void store(int64_t m, int64_t n, float acc) const {
     float v = acc * w_scale[n];
     if (bias) v += load_f(bias, bias_dt, n);
@@ -908,6 +947,12 @@ struct Dense {
   static constexpr int y_dt = std::is_same<T, uint16_t>::value ? DT_BF16
                               : std::is_same<T, Half>::value   ? DT_F16
                                                                : DT_F32;
+
+  Dense row_group(int64_t m0, int64_t mr) const {  // rows [m0, m0 + mr) of x and y
+    Dense g = *this;
+    g.x += m0 * K, g.y += m0 * N, g.M = mr;
+    return g;
+  }
 
   inline void store(int64_t m, int64_t n, float acc) const {
     if (bias) acc += load_f(bias, bias_dt, n);

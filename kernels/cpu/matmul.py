@@ -27,21 +27,23 @@ _AVX512F, _VNNI, _BF16, _AVX2 = 1, 2, 4, 8
 # W8A8 -> our quantization + torch._int_mm (exact int32) + the same fp32 epilogue; bf16 -> F.linear (oneDNN);
 # fp32 -> gemm_f32 below; fp16 -> gemm_f32 on W widened ~4 MB of rows at a time (torch's own fp16 GEMM was 1.4-2.2x
 # slower than our kernel at 1 to 512 rows).
-# Set when the kernels load, from the CPU: with AVX-512 VNNI/BF16 the stock int8 and bf16 GEMMs win from 16 rows
-# (oneDNN's bf16 GEMM 7x faster at 128 rows on Sapphire Rapids); on AVX2 ours won at every row count measured (1 to
-# 128). fp32 and fp16 on AVX-512 (one hot 4096x1024 layer, Zen 4, against oneDNN's fp32 GEMM): fp32 ours 1.6x
-# slower at 8 rows, 2.1x at 16; fp16 ours 0.7x at 8 rows, 1.1x at 16, 1.9x at 32. Cold (24 layers + lm_head,
-# bench_matmul --rows): fp32 ours 1.05x oneDNN's time at 8 rows (the row kernels stream the weights once for the
-# batch), 1.73x at 12 (tiles); fp16 ours 0.81x at 8, 1.04x at 12. So fp32 from 9 rows, fp16 from 16.
-# On AVX2, fp32 from 256 rows (Zen 2, against MKL's F.linear: ours 1.7x faster at 1 row, 1.15x at 128, even at
-# 256); fp16 takes 16 there too, unmeasured. Without SIMD kernels, always stock (0).
+# Set when the kernels load, from the CPU. Below the threshold the row kernels stream W once for all rows (in
+# groups of 8 from 9 rows on). AVX-512 (Zen 4, 24 layers + lm_head cold, bench_matmul --rows N --ours-at-any-rows,
+# 2026-12-05): bf16 ours 39.8 ms at 8 rows against oneDNN's 44.0, 69.4 against 50.7 at 12: oneDNN from 9 rows.
+# fp16 ours 65.8 against the widened fp32 GEMM's 83.1 at 8, 85.2 against 83.0 at 9, 103 against 89 at 12: from 9.
+# fp32 ours 124 against oneDNN's 79 at 9: from 9. W8A8 ours against _int_mm 25.7 / 60.5 ms at 8 rows, 36.2 / 64.3
+# at 16, 53.5 / 80.2 at 32 (80.8 with 4 outlier columns), 98 / 109 at 48 where _int_mm wins the layers alone
+# (47.6 / 52.2 ms): ours through 32 rows. On AVX2, ours won at every row count measured (1 to 128) for int8 and
+# bf16, and fp32 from 256 rows (Zen 2, against MKL's F.linear: ours 1.7x faster at 1 row, 1.15x at 128, even at
+# 256); fp16 takes 16 there, unmeasured. Without SIMD kernels, always stock (0). Weight-only int8 has no stock
+# equivalent: always ours.
 NEVER = 1 << 62
 PREFILL_MIN_ROWS = {"w8a8": NEVER, "bf16": NEVER, "int8_weight": NEVER, "f16": NEVER, "f32": 0}
 
 
 def _prefill_policy(simd_bits: int) -> dict:
-    return {"w8a8": 16 if simd_bits & _VNNI else NEVER, "bf16": 16 if simd_bits & _BF16 else NEVER,
-            "int8_weight": NEVER, "f16": 16 if simd_bits & (_AVX512F | _AVX2) else 0,
+    return {"w8a8": 33 if simd_bits & _VNNI else NEVER, "bf16": 9 if simd_bits & _BF16 else NEVER,
+            "int8_weight": NEVER, "f16": 9 if simd_bits & _AVX512F else 16 if simd_bits & _AVX2 else 0,
             "f32": 9 if simd_bits & _AVX512F else 256 if simd_bits & _AVX2 else 0}
 
 

@@ -48,6 +48,15 @@ def _w(N, K, seed=1):
 # chunk order (matmul.cpp: scramble_rows; fp32 at K = 1024, W8A8 and weight-only int8 at 2560 and 4096)
 SHAPES = [(1, 1, 1), (1, 37, 100), (3, 17, 63), (8, 33, 1030), (33, 5, 130), (1, 21, 1024), (1, 19, 2560),
           (2, 64, 4096)]
+# Batched decode past 8 rows: the row kernels sweep x in groups of 8 and a tail (matmul.cpp: ROW_GROUPS_MAX_M),
+# run even where PREFILL_MIN_ROWS hands such M to a stock op; scrambled x at K = 1024 (fp32) and 2560, 4096.
+ROW_GROUP_SHAPES = [(9, 19, 2560), (12, 40, 1030), (17, 21, 1024), (24, 33, 4096), (64, 9, 200)]
+
+
+def _rows(monkeypatch, M, N, K):
+    """Our kernels for the ROW_GROUP_SHAPES, whatever the stock-op policy (the tests of other shapes keep it)."""
+    if (M, N, K) in ROW_GROUP_SHAPES:
+        monkeypatch.setattr(mm, "PREFILL_MIN_ROWS", dict.fromkeys(mm.PREFILL_MIN_ROWS, mm.NEVER))
 
 
 @needs_ext
@@ -66,10 +75,11 @@ def test_empty_dims_equal_the_reference(path, M, N, K):
 # --- W8A8 ---------------------------------------------------------------------------------------------------------
 
 @needs_ext
-@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("M,N,K", SHAPES + ROW_GROUP_SHAPES)
 @pytest.mark.parametrize("threshold,outliers", [(6.0, (5, 77)), (6.0, ()), (0.0, (5,))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_w8a8_matches_ref(path, M, N, K, threshold, outliers, dtype):
+def test_w8a8_matches_ref(path, monkeypatch, M, N, K, threshold, outliers, dtype):
+    _rows(monkeypatch, M, N, K)
     x = _x(M, K, dtype, outliers)
     wq, ws = mm.quantize_rows(_w(N, K))
     bias = torch.randn(N)
@@ -127,9 +137,10 @@ def test_w8a8_outliers_reduce_error():
 # --- weight-only int8, bf16 and fp16 ----------------------------------------------------------------------------------
 
 @needs_ext
-@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("M,N,K", SHAPES + ROW_GROUP_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_int8_weight_matches_ref(path, M, N, K, dtype):
+def test_int8_weight_matches_ref(path, monkeypatch, M, N, K, dtype):
+    _rows(monkeypatch, M, N, K)
     x = _x(M, K, dtype)
     wq, ws = mm.quantize_rows(_w(N, K))
     bias = torch.randn(N).to(dtype)
@@ -141,10 +152,11 @@ def test_int8_weight_matches_ref(path, M, N, K, dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("M,N,K", SHAPES + ROW_GROUP_SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_within_2x_torch_error(path, M, N, K, with_bias, dtype):
+def test_half_within_2x_torch_error(path, monkeypatch, M, N, K, with_bias, dtype):
+    _rows(monkeypatch, M, N, K)
     linear, linear_ref, ulp = {torch.bfloat16: (mm.linear_bf16, ref.linear_bf16_ref, 2 ** -7),
                                torch.float16: (mm.linear_f16, ref.linear_f16_ref, 2 ** -10)}[dtype]
     x, w = _x(M, K, dtype), _w(N, K).to(dtype)
@@ -207,9 +219,10 @@ def test_f16_conversions_are_torchs(path):
 
 
 @needs_ext
-@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("M,N,K", SHAPES + ROW_GROUP_SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_f32_matches_ref(path, M, N, K, with_bias):
+def test_f32_matches_ref(path, monkeypatch, M, N, K, with_bias):
+    _rows(monkeypatch, M, N, K)
     x, w = _x(M, K), _w(N, K)
     bias = torch.randn(N) if with_bias else None
     exact = ref.linear_f32_ref(x.double(), w.double(), None if bias is None else bias.double())
