@@ -2,7 +2,8 @@
 so that it returns the same tokens and the same sequence scores.
 
 Per prompt, `num_beams` running hypotheses and `num_beams` finished ones are kept:
-  1. every running beam proposes every token: score = running score + log_softmax(logits) (B, nb * V);
+  1. every running beam proposes every token: score = running score + log_softmax(logits), after the score
+     processors of generate.py (repetition penalty, n-gram blocking, minimum length) (B, nb * V);
   2. the top K = 2 * nb candidates are taken (enough that nb of them do not end, even if nb end with EOS);
   3. the best nb candidates that did not just end (EOS, or the length limit) keep running;
   4. candidates that just ended, among the top nb, compete with the finished ones on score / new_len**length_penalty;
@@ -12,7 +13,7 @@ Scores below -1e9 mark "not allowed" exactly as transformers does, so ties resol
 """
 import torch
 
-from .generate import GenerationOptions, apply_repetition_penalty
+from .generate import GenerationOptions, left_padding, process_scores
 
 NEG = -1.0e9
 
@@ -35,6 +36,8 @@ def beam_search(model, input_ids, attention_mask, opts: GenerationOptions, eos_i
         logits, state = model.start(input_ids.repeat_interleave(nb, 0), attention_mask.repeat_interleave(nb, 0),
                                     opts.max_new_tokens)
     P = state.history.shape[1]     # the decoder prompt: the prompt itself, or the decoder start token
+    skip = left_padding(model, attention_mask)
+    skip = None if skip is None else skip.repeat_interleave(nb, 0)                  # (B * nb,)
     max_len = P + opts.max_new_tokens
     fill = pad_id if pad_id is not None else (eos_id if eos_id is not None else -1)
     K = 2 * nb
@@ -55,8 +58,7 @@ def beam_search(model, input_ids, attention_mask, opts: GenerationOptions, eos_i
     cur = P
     while True:
         log_probs = torch.log_softmax(logits.float(), dim=-1)                          # (B * nb, V)
-        log_probs = apply_repetition_penalty(log_probs, running[:, :, :cur].reshape(B * nb, cur),
-                                             opts.repetition_penalty)
+        log_probs = process_scores(log_probs, running[:, :, :cur].reshape(B * nb, cur), skip, cur - P, opts, eos_id)
         V = log_probs.shape[-1]
         log_probs = (log_probs.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
 

@@ -74,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling probability mass (1.0 = off)")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0 = off)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                   help="no n-gram of this size occurs twice in a sequence, prompt included (0 = off)")
+    g.add_argument("--min-new-tokens", type=int, default=0, help="no end-of-sequence before this many new tokens")
     g.add_argument("--num-beams", type=positive_int, default=1, help="beam search width (1 = off; no streaming)")
     g.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
@@ -163,6 +166,7 @@ def generate_file(args, options) -> int:
 def generate(args) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                   no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
                    stop=args.stop, seed=args.seed, num_beams=args.num_beams)
     if args.prompts is not None:
         if args.prompt is not None:

@@ -1,10 +1,12 @@
-"""One generation loop for both families: greedy, sampling, repetition penalty, stop strings, streaming.
+"""One generation loop for both families: greedy, sampling, repetition penalty, n-gram blocking, minimum length,
+stop strings, streaming.
 
 A model exposes two calls (prefill and decode kept apart, as in gpt-fast):
     logits, state = model.start(input_ids, attention_mask, max_new_tokens)   # (B, V) for the next token
     logits = model.step(state, tokens)                                         # tokens (B,) -> (B, V)
-and `state.history` (B, n): the ids the repetition penalty looks at (the prompt for a decoder-only model, the
-decoder's start token for an encoder-decoder, as in transformers). Beam search lives in beam.py.
+and `state.history` (B, n): the ids generated so far (the prompt for a decoder-only model, the decoder's start
+token for an encoder-decoder), which the score processors look at, as transformers' do. Beam search lives in
+beam.py; it uses the same processors.
 """
 from dataclasses import dataclass, field, fields
 
@@ -21,6 +23,8 @@ class GenerationOptions:
     top_k: int = 0                      # 0 = off
     top_p: float = 1.0                  # 1.0 = off
     repetition_penalty: float = 1.0     # 1.0 = off; > 1 discourages tokens already present (CTRL, arXiv 1909.05858)
+    no_repeat_ngram_size: int = 0       # 0 = off; n > 0: no n-gram of the sequence occurs twice (fairseq)
+    min_new_tokens: int = 0             # EOS is not allowed before this many new tokens
     stop: list = field(default_factory=list)   # strings that end a row's generation (not included in the text)
     seed: int | None = None
     num_beams: int = 1
@@ -54,6 +58,10 @@ class GenerationOptions:
             bad("top_p", self.top_p, "must be in (0, 1]")
         if not self.repetition_penalty > 0:
             bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1.0 turns it off)")
+        if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
+            bad("no_repeat_ngram_size", self.no_repeat_ngram_size, "must be an integer >= 0 (0 turns it off)")
+        if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            bad("min_new_tokens", self.min_new_tokens, f"must be an integer in [0, max_new_tokens={self.max_new_tokens}]")
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
             bad("num_beams", self.num_beams, "must be an integer >= 1")
         if not isinstance(self.num_return_sequences, int) or not 1 <= self.num_return_sequences <= self.num_beams:
@@ -66,13 +74,51 @@ class GenerationOptions:
             bad("stop", self.stop, "must be non-empty strings")
 
 
-def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Divide positive logits (multiply negative ones) of every token already in `history` by `penalty`."""
+def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: float,
+                             skip: torch.Tensor | None = None) -> torch.Tensor:
+    """Divide positive logits (multiply negative ones) of every token already in `history` by `penalty`.
+    skip (B,): leading positions of each row left out, a decoder-only prompt's left padding (transformers 5 leaves
+    it out too); they are replaced by the row's first token looked at, which gathers and scatters the same value."""
     if penalty == 1.0:
         return scores
+    if skip is not None:
+        pos = torch.arange(history.shape[1], device=history.device)
+        first = history.gather(1, skip[:, None])                                   # (B, 1)
+        history = torch.where(pos[None, :] < skip[:, None], first, history)
     score = torch.gather(scores, 1, history)
     score = torch.where(score < 0, score * penalty, score / penalty)
     return scores.scatter(1, history, score)
+
+
+def ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, n: int) -> torch.Tensor:
+    """No n-gram occurs twice: a token that would complete an n-gram already in the row gets -inf.
+    history (B, L): the whole sequence, padding included, as transformers' NoRepeatNGramLogitsProcessor reads it."""
+    L = history.shape[1]
+    if n == 0 or L < n:
+        return scores
+    prefix = history[:, L + 1 - n:]                                    # (B, n-1) what the next n-gram starts with
+    grams = history.unfold(1, n, 1)                                    # (B, L-n+1, n) every n-gram so far
+    repeats = (grams[..., :-1] == prefix[:, None]).all(-1)             # (B, L-n+1) n-grams that start the same way
+    V = scores.shape[-1]
+    banned = torch.zeros(scores.shape[0], V + 1, dtype=torch.bool, device=scores.device)   # column V: no ban
+    banned.scatter_(1, torch.where(repeats, grams[..., -1].clamp(max=V), V), True)
+    return scores.masked_fill(banned[:, :V], float("-inf"))
+
+
+def process_scores(scores: torch.Tensor, history: torch.Tensor, skip, new_tokens: int, opts: "GenerationOptions",
+                   eos_id) -> torch.Tensor:
+    """The score processors in transformers' order: repetition penalty, n-gram blocking, minimum length.
+    scores (B, V) fp32; history (B, L); new_tokens: tokens generated so far."""
+    scores = apply_repetition_penalty(scores, history, opts.repetition_penalty, skip)
+    scores = ban_repeated_ngrams(scores, history, opts.no_repeat_ngram_size)
+    if new_tokens < opts.min_new_tokens and eos_id is not None:
+        scores = scores.index_fill(1, torch.tensor([eos_id], device=scores.device), float("-inf"))
+    return scores
+
+
+def left_padding(model, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """(B,) leading padding positions of a decoder-only prompt, which the repetition penalty leaves out."""
+    return None if model.is_encoder_decoder else (attention_mask != 0).int().argmax(1)
 
 
 def sample_filter(scores: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
@@ -92,21 +138,30 @@ def sample_filter(scores: torch.Tensor, opts: GenerationOptions) -> torch.Tensor
 
 
 def decode_tokens(model, input_ids, attention_mask, opts: GenerationOptions, eos_id, pad_id, stop_check=None):
-    """Yield the next token of every row (B,), step by step. Finished rows yield pad_id, as in transformers."""
+    """Yield the next token of every row (B,), step by step. Finished rows yield pad_id, as in transformers.
+
+    Finished rows leave the batch: once a quarter of the rows still computed have finished, the state keeps only
+    the running ones (`state.reorder`), so that a long answer does not carry a batch of finished ones. Not with a
+    compiled step, where a new batch size would recompile it, nor without a pad id to yield for them."""
     generator = None
     if opts.do_sample:
         generator = torch.Generator(device=input_ids.device)
         generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
     logits, state = model.start(input_ids, attention_mask, opts.max_new_tokens)
-    history = state.history
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    B, P = input_ids.shape[0], state.history.shape[1]
+    history, skip = state.history, left_padding(model, attention_mask)          # (B, P), (B,) or None
+    unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    rows = torch.arange(B, device=input_ids.device)   # the rows the state holds, in its order
+    shrink = pad_id is not None and not model.compiled_decode
     for i in range(opts.max_new_tokens):
-        scores = apply_repetition_penalty(logits.float(), history, opts.repetition_penalty)
+        scores = process_scores(logits.float(), history[rows], None if skip is None else skip[rows], i, opts,
+                                eos_id)
         if opts.do_sample:
             probs = sample_filter(scores, opts).softmax(dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            picked = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
-            tokens = model.backend.argmax(scores)
+            picked = model.backend.argmax(scores)
+        tokens = picked if len(rows) == B else torch.full((B,), pad_id, device=picked.device).index_copy(0, rows, picked)
         if pad_id is not None:
             tokens = torch.where(unfinished, tokens, pad_id)
         history = torch.cat([history, tokens[:, None]], dim=1)
@@ -114,7 +169,11 @@ def decode_tokens(model, input_ids, attention_mask, opts: GenerationOptions, eos
         if eos_id is not None:
             unfinished &= tokens != eos_id
         if stop_check is not None:
-            unfinished &= ~stop_check(history[:, state.history.shape[1]:])
+            unfinished &= ~stop_check(history[:, P:])
         if not unfinished.any() or i + 1 == opts.max_new_tokens:
             return
-        logits = model.step(state, tokens)
+        running = unfinished[rows]
+        if shrink and len(rows) - int(running.sum()) >= max(1, len(rows) // 4):
+            state.reorder(running.nonzero()[:, 0])
+            rows = rows[running]
+        logits = model.step(state, tokens[rows])

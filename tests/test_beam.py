@@ -7,13 +7,14 @@ import minibloom
 from minibloom import MinibloomError
 from minibloom.beam import beam_search
 from minibloom.checkpoints import TINY_BLOOM, TINY_MT5, bloom_checkpoint, hf_from_folder, mt5_checkpoint
-from minibloom.generate import GenerationOptions
+from minibloom.generate import GenerationOptions, decode_tokens
 from test_mt5 import one_thread  # noqa: F401 (autouse fixture: tiny models run single-threaded)
 
 PROMPTS = ["Translate to English: Je t'aime.", "一个传奇的开端，一个不灭的神话",
            "Suggest at least five related search terms to \"Mạng neural nhân tạo\".", "Hi"]
 OPTIONS = [dict(), dict(length_penalty=0.5, early_stopping=True), dict(early_stopping="never", length_penalty=2.0),
-           dict(num_return_sequences=4, length_penalty=-1.0), dict(repetition_penalty=1.3)]
+           dict(num_return_sequences=4, length_penalty=-1.0), dict(repetition_penalty=1.3),
+           dict(no_repeat_ngram_size=2), dict(min_new_tokens=3, no_repeat_ngram_size=2)]
 
 
 @pytest.fixture(scope="module", params=["mt5", "bloom"])
@@ -32,6 +33,13 @@ def test_beams_match_transformers_tokens_and_scores(family, options):
     pad = lm.tokenizer.pad_id
     opts = GenerationOptions.from_kwargs(dict(num_beams=4, max_new_tokens=16, **options))
     ours, scores = beam_search(lm.model, ids, mask, opts, eos, pad, return_scores=True)
+    if not (ours == eos).any():   # n-gram blocking moves the answers away: EOS must be a token they still emit
+        free = torch.stack(list(decode_tokens(lm.model, ids, mask, GenerationOptions.from_kwargs(
+            dict(max_new_tokens=16, **options)), None, pad)), 1)
+        for eos in torch.bincount(free[:, opts.min_new_tokens:].flatten()).argsort(descending=True)[:10].tolist():
+            ours, scores = beam_search(lm.model, ids, mask, opts, eos, pad, return_scores=True)
+            if (ours == eos).any():
+                break
     with torch.no_grad():
         out = hf.generate(input_ids=ids, attention_mask=mask, num_beams=4, max_new_tokens=16, do_sample=False,
                           eos_token_id=eos, pad_token_id=pad, output_scores=True, return_dict_in_generate=True,

@@ -5,6 +5,7 @@ import torch
 import minibloom
 from minibloom import ops
 from minibloom.checkpoints import BLOOMZ_560M, TINY_BLOOM, bloom_checkpoint, hf_from_folder
+from minibloom.generate import GenerationOptions, decode_tokens
 
 PROMPTS = ["Translate to English: Je t'aime.", "一个传奇的开端，一个不灭的神话",
            "Suggest at least five related search terms to \"Mạng neural nhân tạo\".", "Hi"]
@@ -107,6 +108,45 @@ def test_greedy_with_repetition_penalty_matches_transformers(tiny):
         theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
                              repetition_penalty=1.3, eos_token_id=2, pad_token_id=3)[:, ids.shape[1]:]
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("options", [dict(no_repeat_ngram_size=2), dict(no_repeat_ngram_size=1),
+                                     dict(min_new_tokens=5, no_repeat_ngram_size=2),
+                                     dict(min_new_tokens=4, repetition_penalty=1.2, no_repeat_ngram_size=3)],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_greedy_options_match_transformers_with_early_eos(tiny, options):
+    """EOS is a frequent token of the random model's answers that ends a row under these options, so that rows
+    finish early (and leave the batch)."""
+    lm, hf = both(tiny, "float32")
+    ids, mask = lm.encode_batch(PROMPTS)
+    opts = GenerationOptions.from_kwargs(dict(max_new_tokens=24, **options))
+    free = torch.stack(list(decode_tokens(lm.model, ids, mask, opts, None, 3)), 1)   # no EOS at all
+    for eos in torch.bincount(free[:, opts.min_new_tokens:].flatten()).argsort(descending=True)[:10].tolist():
+        ours = torch.stack(list(decode_tokens(lm.model, ids, mask, opts, eos, 3)), 1)
+        if (ours == eos).any():
+            break
+    assert (ours == eos).any(), "no frequent token ends a row: the test would not test early EOS"
+    with torch.no_grad():
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                             eos_token_id=eos, pad_token_id=3, **options)[:, ids.shape[1]:]
+    assert torch.equal(ours, theirs)
+
+
+def test_repetition_penalty_leaves_out_left_padding_as_transformers(tiny):
+    """transformers 5 does not penalize the tokens of a prompt's left padding: pad a row with the very token it
+    picks next under the penalty, so that penalizing the padding would change the answer."""
+    lm, hf = both(tiny, "float32")
+    ids, mask = lm.encode_batch([PROMPTS[0], PROMPTS[3]])
+    row = int((mask[:, 0] == 0).nonzero()[0, 0])                      # a left-padded row
+    favourite = int(lm.generate_ids(ids, mask, max_new_tokens=1, repetition_penalty=5.0)[row, 0])
+    assert favourite not in ids[row, mask[row] == 1].tolist()
+    ids = ids.masked_fill(mask == 0, favourite)
+    ours = lm.generate_ids(ids, mask, max_new_tokens=8, repetition_penalty=5.0)
+    with torch.no_grad():
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                             repetition_penalty=5.0, eos_token_id=2, pad_token_id=3)[:, ids.shape[1]:]
+    assert torch.equal(ours, theirs)
+    assert ours[row, 0] == favourite
 
 
 @pytest.fixture(scope="module")

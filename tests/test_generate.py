@@ -4,8 +4,8 @@ import torch
 
 import minibloom
 from minibloom import MinibloomError
-from minibloom.checkpoints import TINY_BLOOM, bloom_checkpoint
-from minibloom.generate import GenerationOptions, apply_repetition_penalty, sample_filter
+from minibloom.checkpoints import TINY_BLOOM, TINY_MT5, bloom_checkpoint, mt5_checkpoint
+from minibloom.generate import GenerationOptions, apply_repetition_penalty, decode_tokens, sample_filter
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,36 @@ def test_rows_that_end_early_are_padded_with_pad_id(lm):
     assert all(t == lm.tokenizer.pad_id for t in row[first + 1:])
 
 
+@pytest.mark.parametrize("family", ["bloom", "mt5"])
+def test_finished_rows_leave_the_batch_and_the_rest_is_unchanged(family):
+    """Rows that hit EOS stop being computed (the state keeps the running rows only); every row's tokens stay
+    those of a run that keeps the whole batch (a compiled step does: a new batch size would recompile it)."""
+    folder = bloom_checkpoint(TINY_BLOOM, scale=3.0) if family == "bloom" else mt5_checkpoint(TINY_MT5, scale=2.0)
+    lm = minibloom.load(folder, dtype="float32")
+    model = lm.model
+    ids, mask = lm.encode_batch(["Hello there", "Translate to English: Je t'aime.", "Hi", "一个传奇的开端"])
+    opts = GenerationOptions.from_kwargs(dict(max_new_tokens=16, no_repeat_ngram_size=2))
+    pad = lm.tokenizer.pad_id
+    free = torch.stack(list(decode_tokens(model, ids, mask, opts, None, pad)), 1)
+    eos = int(free[0, 3])                      # row 0 ends at its fourth token; other rows may later
+    sizes = []
+    step = model.step
+    model.step = lambda state, tokens: sizes.append(tokens.shape[0]) or step(state, tokens)
+    try:
+        ours = torch.stack(list(decode_tokens(model, ids, mask, opts, eos, pad)), 1)
+        shrunk, sizes[:] = list(sizes), []
+        model.compiled_decode = model.decode   # stands in for a compiled step: the batch must keep its size
+        whole = torch.stack(list(decode_tokens(model, ids, mask, opts, eos, pad)), 1)
+    finally:
+        model.step, model.compiled_decode = step, None
+    assert torch.equal(ours, whole)
+    assert shrunk[0] == 4 and min(shrunk) < 4 and shrunk == sorted(shrunk, reverse=True)
+    assert set(sizes) == {4}
+    for row in range(4):    # and each row's answer is the one it gets alone
+        alone = torch.stack(list(decode_tokens(model, ids[row:row + 1], mask[row:row + 1], opts, eos, pad)), 1)
+        assert torch.equal(ours[row, :alone.shape[1]], alone[0])
+
+
 def test_stop_strings_end_generation_and_are_cut(lm):
     full = lm.generate("Hello", max_new_tokens=20)
     stop = full[3:5]
@@ -71,7 +101,9 @@ def test_stream_concatenates_to_generate(lm):
 
 @pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=0), dict(top_p=1.5), dict(top_k=-1),
                                  dict(repetition_penalty=0), dict(num_beams=0), dict(num_beams=2, do_sample=True),
-                                 dict(num_return_sequences=3, num_beams=2), dict(stop=[""]), dict(colour="red")])
+                                 dict(num_return_sequences=3, num_beams=2), dict(stop=[""]), dict(colour="red"),
+                                 dict(no_repeat_ngram_size=-1), dict(no_repeat_ngram_size=1.5),
+                                 dict(min_new_tokens=-1), dict(min_new_tokens=5)])
 def test_invalid_options_are_rejected_with_a_message(lm, bad):
     with pytest.raises(MinibloomError, match="invalid|unknown"):
         lm.generate("Hello", **{"max_new_tokens": 4, **bad})

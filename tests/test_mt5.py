@@ -121,13 +121,15 @@ def frequent_token(lm, ids, mask):
 def test_greedy_generation_matches_transformers_with_early_eos(tiny):
     lm, hf = both(tiny, "float32")
     ids, mask = lm.encode_batch(PROMPTS)
-    for eos, penalty in [(1, 1.0), (frequent_token(lm, ids, mask), 1.0), (1, 1.3)]:
-        opts = GenerationOptions.from_kwargs(dict(max_new_tokens=24, repetition_penalty=penalty))
+    frequent = frequent_token(lm, ids, mask)
+    for eos, options in [(1, {}), (frequent, {}), (1, dict(repetition_penalty=1.3)),
+                         (frequent, dict(no_repeat_ngram_size=2)), (frequent, dict(min_new_tokens=5))]:
+        opts = GenerationOptions.from_kwargs(dict(max_new_tokens=24, **options))
         ours = torch.stack(list(decode_tokens(lm.model, ids, mask, opts, eos, 0)), 1)
         with torch.no_grad():
             theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
-                                 repetition_penalty=penalty, eos_token_id=eos, pad_token_id=0)[:, 1:]
-        assert torch.equal(ours, theirs), (eos, penalty)
+                                 eos_token_id=eos, pad_token_id=0, **options)[:, 1:]
+        assert torch.equal(ours, theirs), (eos, options)
         if eos != 1:   # rows really finished early, and are padded with <pad> afterwards, as in transformers
             assert after_eos(ours, eos).any() and (ours[after_eos(ours, eos)] == 0).all()
 
