@@ -22,7 +22,8 @@ def test_help_explains_everything():
     assert out.returncode == 0 and "generate" in out.stdout and "bench" in out.stdout
     out = run("generate", "--help")
     for flag in ("--model", "--dtype", "--max-new-tokens", "--do-sample", "--temperature", "--top-k", "--top-p",
-                 "--repetition-penalty", "--seed", "--stop", "--backend", "--quantize", "--compile"):
+                 "--repetition-penalty", "--no-repeat-ngram-size", "--min-new-tokens", "--seed", "--stop", "--backend",
+                 "--quantize", "--compile"):
         assert flag in out.stdout
 
 
@@ -40,6 +41,18 @@ def test_generate_compiled_prints_the_same_text(folder):
     assert compiled.stdout == eager.stdout and "--compile" in compiled.stderr
 
 
+def test_generation_flags_reach_generate(folder):
+    """--no-repeat-ngram-size and --min-new-tokens print what lm.generate returns with the same options."""
+    import minibloom
+    prompt = "Translate to English: Je t'aime."
+    out = run("generate", "--model", folder, "--max-new-tokens", "12", "--no-repeat-ngram-size", "1",
+              "--min-new-tokens", "4", prompt)
+    assert out.returncode == 0, out.stderr
+    expected = minibloom.load(folder).generate(prompt, max_new_tokens=12, no_repeat_ngram_size=1, min_new_tokens=4)
+    assert out.stdout == expected + "\n"
+    assert expected != minibloom.load(folder).generate(prompt, max_new_tokens=12)
+
+
 def test_prompt_from_stdin_and_seeded_sampling(folder):
     args = ("generate", "--model", folder, "--max-new-tokens", "8", "--do-sample", "--seed", "3")
     a = run(*args, stdin="Why is the sky blue?")
@@ -52,6 +65,8 @@ def test_prompt_from_stdin_and_seeded_sampling(folder):
     (("--max-new-tokens", "0", "hi"), "must be >= 1"),
     (("--temperature", "-1", "hi"), "temperature"),
     (("--top-p", "2", "hi"), "top_p"),
+    (("--no-repeat-ngram-size", "-2", "hi"), "no_repeat_ngram_size"),
+    (("--min-new-tokens", "100", "--max-new-tokens", "8", "hi"), "min_new_tokens"),
     (("--dtype", "float8", "hi"), "invalid choice"),
     (("   ",), "empty prompt"),
 ])

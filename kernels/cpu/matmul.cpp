@@ -191,6 +191,10 @@ static void rows_balanced(const Ctx& c, ChunkRange* ranges, int64_t T, int64_t t
     ChunkRange& r = ranges[(t + v) % T];
     while (claim(r, v == 0, chunk)) {
       const int64_t n0 = chunk * rows_per_chunk, n1 = std::min(c.N, n0 + rows_per_chunk);
+      if (c.M == MR) {  // decode: one group, the context as it is
+        Kern::template rows<MR, PF>(c, n0, n1);
+        continue;
+      }
       int64_t m0 = 0;
       for (; m0 + MR <= c.M; m0 += MR) Kern::template rows<MR, PF>(c.row_group(m0, MR), n0, n1);
       if constexpr (TAIL > 0) Kern::template rows<TAIL, PF>(c.row_group(m0, TAIL), n0, n1);
