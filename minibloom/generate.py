@@ -61,7 +61,8 @@ class GenerationOptions:
         if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
             bad("no_repeat_ngram_size", self.no_repeat_ngram_size, "must be an integer >= 0 (0 turns it off)")
         if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            bad("min_new_tokens", self.min_new_tokens, f"must be an integer in [0, max_new_tokens={self.max_new_tokens}]")
+            bad("min_new_tokens", self.min_new_tokens,
+                f"must be an integer in [0, max_new_tokens={self.max_new_tokens}]")
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
             bad("num_beams", self.num_beams, "must be an integer >= 1")
         if not isinstance(self.num_return_sequences, int) or not 1 <= self.num_return_sequences <= self.num_beams:
@@ -161,7 +162,7 @@ def decode_tokens(model, input_ids, attention_mask, opts: GenerationOptions, eos
             picked = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             picked = model.backend.argmax(scores)
-        tokens = picked if len(rows) == B else torch.full((B,), pad_id, device=picked.device).index_copy(0, rows, picked)
+        tokens = picked if len(rows) == B else picked.new_full((B,), pad_id).index_copy(0, rows, picked)
         if pad_id is not None:
             tokens = torch.where(unfinished, tokens, pad_id)
         history = torch.cat([history, tokens[:, None]], dim=1)

@@ -90,6 +90,8 @@ def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "
             m.dtype = dtype
     net.eval()
     be.attach(net)
+    if dev.type == "cpu":
+        ops.reuse_freed_memory()
     if compile:
         net.compile_step()
     lm = LM(net, Tokenizer(folder, config), config, folder, dtype, dev)

@@ -20,8 +20,6 @@ The semantics are written out in plain PyTorch in minibloom/kernels/matmul_ref.p
 folder maps them from the file as they are (`SavedInt8`), with nothing to quantize.
 """
 import contextlib
-import ctypes
-import ctypes.util
 
 import torch
 
@@ -65,16 +63,13 @@ class Quantizer:
     def loading(self):
         """Around the load: glibc raises its mmap threshold after large frees, so the float chunks we read and drop
         would be served from the heap, where they fragment around the int8 weights and stay counted in RSS. A fixed
-        1 MiB threshold keeps every chunk in its own mapping, returned to the OS when freed. Afterwards the same
-        threshold would give every activation of 1 MiB or more (a prefill's (128, 4096) fp32 tensors) a fresh
-        mapping, page-faulted in on every op (measured: int8 prefill 2.5x slower on the bloomz-560m shape), so the
-        values glibc's dynamic threshold settles at on 64-bit come back: mmap above 32 MiB, trim above 64 MiB."""
-        _mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        1 MiB threshold keeps every chunk in its own mapping, returned to the OS when freed. Afterwards `load` has
+        activations reuse freed memory instead (ops.reuse_freed_memory)."""
+        ops.mallopt(ops.M_MMAP_THRESHOLD, 1 << 20)
         try:
             yield
         finally:
-            _mallopt(-3, 32 << 20)
-            _mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+            ops.mallopt(ops.M_MMAP_THRESHOLD, 32 << 20)   # where glibc's dynamic threshold settles on 64-bit
 
     def __call__(self, module, attr: str, ckpt, key: str) -> tuple:
         if not quantizable(module, attr):
@@ -145,12 +140,3 @@ class SavedInt8:
         module._buffers["weight_scale"] = ckpt.tensor(scale_key, None, self.device)
         module.quant, module.threshold = self.mode, self.threshold
         return (key, scale_key)
-
-
-def _mallopt(param: int, value: int):
-    """glibc's mallopt; a no-op where glibc is absent."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(param, value)
-    except (OSError, AttributeError):  # no glibc: nothing to tune
-        pass

@@ -93,6 +93,31 @@ def test_peak_rss_while_loading_in_checkpoint_dtype_under_1_3x_weights():
     assert peak - base < 1.3 * weights, (peak - base) / weights
 
 
+def page_faults_of_a_reused_activation(folder, env=None):
+    """Minor page faults of filling a 64 MB tensor after the same size was freed, in a fresh process after a load."""
+    code = f"""
+import resource, torch, minibloom
+lm = minibloom.load({str(folder)!r})
+x = torch.ones(16 << 20)
+del x
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.ones(16 << 20)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    env = {**os.environ, **(env or {})}
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env=env).stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc malloc setting")
+def test_activations_reuse_freed_memory_after_a_cpu_load():
+    """ops.reuse_freed_memory: a prefill's large activations come back from the heap, not from fresh page faults
+    (64 MB is 16,384 pages of 4 KiB), unless GLIBC_TUNABLES chose malloc's settings."""
+    folder = bloom_checkpoint(TINY_BLOOM)
+    assert page_faults_of_a_reused_activation(folder) < 1000
+    assert page_faults_of_a_reused_activation(folder, {"GLIBC_TUNABLES": "glibc.malloc.check=0"}) > 10000
+
+
 def test_path_that_does_not_exist():
     with pytest.raises(MinibloomError, match="does not exist"):
         minibloom.load("./no/such/folder")
