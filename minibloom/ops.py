@@ -135,6 +135,14 @@ def t5_attention_ref(q, k, v, key_pos, bias: T5Bias | None, causal: bool, q_offs
     return torch.matmul(probs, v)                                                # (B, H, T, D)
 
 
+# --- BLOOM's GELU ---------------------------------------------------------------------------------------------------
+
+def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
+    """BLOOM's tanh GELU with Megatron's literal constant 0.79788456 (~sqrt(2/pi)), in the activation dtype.
+    F.gelu(approximate="tanh") is equal in fp32 but rounds differently in bf16."""
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
 # --- Memory that decoding streams: weights and the KV cache ---------------------------------------------------------
 
 HUGE_PAGE = 2 << 20
@@ -303,6 +311,9 @@ class Backend:
     def argmax(self, logits):
         """Greedy pick: (..., V) -> (...,) int64, the first index of the maximum."""
         return logits.argmax(-1)
+
+    def bloom_gelu(self, x):
+        return bloom_gelu(x)
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
         """Route every layer of `model` through this backend."""

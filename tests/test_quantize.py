@@ -44,13 +44,22 @@ def test_mt5_int8_without_fp32_wo(mode):
 
 
 def test_fused_int8_matches_reference_semantics():
+    """The same quantization (the kernels' W8A8 is bit-exact, tests/kernels). The fused float ops around it (the
+    online softmax, the GELU's exp polynomial) differ from torch's by an ulp or so, and an activation that moves
+    by an ulp may round to the neighbouring int8 level: logits agree to 1% (0.36% measured), the argmax everywhere,
+    and the error against the fp32 model is the reference int8's."""
     folder = bloom_checkpoint(TINY_BLOOM, scale=3.0)
     ref = minibloom.load(folder, dtype="float32", backend="reference", quantize="int8")
     fus = minibloom.load(folder, dtype="float32", backend="auto", quantize="int8")
+    f32 = minibloom.load(folder, dtype="float32", backend="reference")
     ids, mask = ref.encode_batch(["Translate to English: Je t'aime.", "Hi"])
     with torch.no_grad():
         a, b = ref.model(ids, mask)[mask.bool()], fus.model(ids, mask)[mask.bool()]
-    assert (a - b).abs().max() <= 1e-3 * a.abs().max()
+        exact = f32.model(ids, mask)[mask.bool()]
+    assert (a - b).abs().max() <= 1e-2 * a.abs().max()
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert (b - exact).abs().mean() <= 1.05 * (a - exact).abs().mean()
+    assert (b - exact).abs().max() <= 1.2 * (a - exact).abs().max()
 
 
 def test_load_time_quantization_kernel_equals_reference():

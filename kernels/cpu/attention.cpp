@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "floats.h"
+#include "vec.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // vector types cross no ABI boundary: every template is inlined
 
@@ -207,37 +208,7 @@ void pv_scalar(float* O, const float* P, const float* corr, const void* v, int64
 // ---- SIMD: written once on GCC vector types of W floats, compiled for AVX2 (W = 8) and AVX-512 (W = 16) ----
 // The generic templates carry no target attribute; each entry point below carries one plus `flatten`, so the
 // template is inlined there and its vector arithmetic becomes ymm or zmm code (FMAs via -ffp-contract=fast).
-
-template <int W>
-struct Vec {
-  typedef float f __attribute__((vector_size(4 * W)));
-  typedef int32_t i __attribute__((vector_size(4 * W)));
-  typedef uint16_t h __attribute__((vector_size(2 * W)));
-  typedef uint16_t h2 __attribute__((vector_size(4 * W)));  // 2W bf16
-  typedef uint32_t u __attribute__((vector_size(4 * W)));
-};
-
-// Broadcast x to all lanes, written as a shuffle so that it compiles to one vbroadcastss (a lane-by-lane
-// initialisation becomes a chain of vinsertps once inlined into the target-specific entry points).
-template <int W>
-inline typename Vec<W>::f splat(float x) {
-  typename Vec<W>::f v = {};
-  v[0] = x;
-  if constexpr (W == 8) return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
-  else return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-}
-
-template <int W>
-inline typename Vec<W>::f loadf(const float* p) {
-  typename Vec<W>::f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-template <int W>
-inline void storef(float* p, typename Vec<W>::f v) {
-  std::memcpy(p, &v, sizeof v);
-}
+// The vector types, splat, loadf / storef and expv are in vec.h (matmul.cpp's GELU uses them too).
 
 // 8 fp16 -> fp32 (vcvtph2ps, exact). The intrinsic needs F16C where it is compiled: in this function, inlined
 // into the entry points (flatten), whose targets include f16c. GCC widens a vector of _Float16 element by element.
@@ -330,30 +301,6 @@ inline float hmax(typename Vec<W>::f v) {
     std::memcpy(&hi, (const char*)&v + sizeof lo, sizeof hi);
     return hmax<W / 2>(lo > hi ? lo : hi);
   }
-}
-
-// exp(x): Cephes expf. n = round(x / ln2), exp(r) for |r| <= ln2/2 by a degree-6 polynomial, times 2^n built
-// in the exponent bits. About 1 ulp for x in [-87.3, 88.7]; smaller x is clamped (callers zero masked keys).
-template <int W>
-inline typename Vec<W>::f expv(typename Vec<W>::f x) {
-  typedef typename Vec<W>::f F;
-  x = x < splat<W>(-87.3f) ? splat<W>(-87.3f) : x;
-  x = x > splat<W>(88.7f) ? splat<W>(88.7f) : x;
-  const F magic = splat<W>(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  const F n = (x * 1.44269504f + magic) - magic;
-  F r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  F p = splat<W>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + (r + 1.f);
-  const typename Vec<W>::i e = (__builtin_convertvector(n, typename Vec<W>::i) + 127) << 23;
-  F pow2n;
-  std::memcpy(&pow2n, &e, sizeof pow2n);
-  return p * pow2n;
 }
 
 // Four rows' horizontal sums at once: a[0..3] (W lanes each) -> r[0..3]. Two levels of a transposed reduction

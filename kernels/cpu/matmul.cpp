@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "floats.h"
+#include "vec.h"
 
 #define TGT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define TGT_F __attribute__((target("avx512f,avx512bw,avx512vl")))
@@ -712,6 +713,49 @@ void linear_w8a8(const void* x, int x_dt, const int8_t* w, const float* w_scale,
   }
 }
 
+// W8A8 prefill epilogue, after torch._int_mm's exact int32 GEMM: y = acc * s_x[m] * w_scale[n] (+ extra[m, n])
+// (+ b[n]), in this order, as linear_w8a8_ref computes it (no FMA contraction: ISO C++ mode), in one pass over
+// (M, N) where torch's ops took four (int32 -> fp32, two products, the bias), each over tens of MB in prefill.
+template <class Y>
+static void w8a8_epilogue_as(const int32_t* acc, const float* s_x, const float* w_scale, const float* extra,
+                             const float* b, int64_t M, int64_t N, Y* y) {
+#pragma omp parallel for schedule(static) if (M * N >= (1 << 16))
+  for (int64_t m = 0; m < M; m++) {
+    const int32_t* a = acc + m * N;
+    const float* e = extra ? extra + m * N : nullptr;
+    const float sx = s_x[m];
+    Y* out = y + m * N;
+    for (int64_t n = 0; n < N; n++) {
+      float v = (float)a[n] * sx;
+      v = v * w_scale[n];
+      if (e) v += e[n];
+      if (b) v += b[n];
+      if constexpr (std::is_same<Y, float>::value)
+        out[n] = v;
+      else if constexpr (std::is_same<Y, Half>::value)
+        out[n].bits = f32_to_f16(v);
+      else
+        out[n] = f32_to_bf16(v);
+    }
+  }
+}
+
+void w8a8_epilogue(const int32_t* acc, const float* s_x, const float* w_scale, const float* extra,
+                   const void* bias, int bias_dt, int64_t M, int64_t N, void* y, int y_dt) {
+  std::vector<float> b;
+  if (bias) {
+    b.resize(N);
+    for (int64_t n = 0; n < N; n++) b[n] = load_f(bias, bias_dt, n);
+  }
+  const float* bp = bias ? b.data() : nullptr;
+  if (y_dt == DT_BF16)
+    w8a8_epilogue_as(acc, s_x, w_scale, extra, bp, M, N, (uint16_t*)y);
+  else if (y_dt == DT_F16)
+    w8a8_epilogue_as(acc, s_x, w_scale, extra, bp, M, N, (Half*)y);
+  else
+    w8a8_epilogue_as(acc, s_x, w_scale, extra, bp, M, N, (float*)y);
+}
+
 // fp32-FMA tiles shared by weight-only int8 (x fp32, w int8), fp16 (x fp32, w fp16) and bf16 (x, w bf16) on AVX2
 // and scalar.
 static inline float to_f(float v) { return v; }
@@ -1064,6 +1108,56 @@ void linear_f32(const float* x, const float* w, const void* bias, int bias_dt, i
     run_scrambled_rows_or_tiles<FmaAvx512>(c);
   } else {
     run_fma_fallback(c);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// BLOOM's GELU, x * 0.5 * (1 + tanh(0.79788456 * x * (1 + 0.044715 * x * x))), for the fused backend. The same
+// function as x / (1 + exp(-2u)) with u the tanh's argument (0.5 * (1 + tanh u) is the logistic of 2u), in fp32
+// per element (bf16 / fp16 widened exactly, rounded once at the end), exp by vec.h's Cephes polynomial (~1 ulp).
+// One pass over the (B*T, 4h) activation where torch's seven elementwise ops took seven: a third of a batch-16
+// fp32 prefill of the bloomz-560m shape (MATMUL.md).
+
+template <int W>
+inline typename Vec<W>::f gelu_v(typename Vec<W>::f x) {
+  const typename Vec<W>::f u = x * (x * x * 0.044715f + 1.f) * 0.79788456f;
+  return x / (expv<W>(u * -2.f) + 1.f);
+}
+
+static inline float gelu_1(float x) {
+  const float u = x * (x * x * 0.044715f + 1.f) * 0.79788456f;
+  return x / (std::exp(u * -2.f) + 1.f);
+}
+
+template <int W>
+inline void gelu_span(const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) storef<W>(y + i, gelu_v<W>(loadf<W>(x + i)));
+  for (; i < n; i++) y[i] = gelu_1(x[i]);
+}
+
+TGT_F __attribute__((flatten)) static void gelu_avx512(const float* x, float* y, int64_t n) { gelu_span<16>(x, y, n); }
+TGT_AVX2 __attribute__((flatten)) static void gelu_avx2(const float* x, float* y, int64_t n) { gelu_span<8>(x, y, n); }
+static void gelu_scalar(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i++) y[i] = gelu_1(x[i]);
+}
+
+// x, y: n elements of dt (fp32, bf16, fp16). 16-bit values go through an fp32 buffer of 4 KiB per thread.
+void bloom_gelu(const void* x, int dt, int64_t n, void* y) {
+  void (*span)(const float*, float*, int64_t) = use_f() ? gelu_avx512 : use_avx2() ? gelu_avx2 : gelu_scalar;
+  constexpr int64_t CHUNK = 1024;
+  const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+#pragma omp parallel for schedule(static) if (n >= (1 << 15))
+  for (int64_t c = 0; c < chunks; c++) {
+    const int64_t i0 = c * CHUNK, len = std::min(CHUNK, n - i0);
+    if (dt == DT_F32) {
+      span((const float*)x + i0, (float*)y + i0, len);
+      continue;
+    }
+    float buf[CHUNK];
+    for (int64_t i = 0; i < len; i++) buf[i] = load_f(x, dt, i0 + i);
+    span(buf, buf, len);
+    for (int64_t i = 0; i < len; i++) store_y(y, dt, i0 + i, buf[i]);
   }
 }
 

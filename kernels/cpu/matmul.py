@@ -130,6 +130,14 @@ def _register_fakes():
         return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32),
                 x.new_empty(n_out, dtype=torch.int32))
 
+    @torch.library.register_fake("minibloom_matmul::bloom_gelu")
+    def _(x):
+        return x.new_empty(x.numel())
+
+    @torch.library.register_fake("minibloom_matmul::w8a8_epilogue")
+    def _(acc, s_x, w_scale, extra, bias, like):
+        return acc.new_empty(acc.shape, dtype=like.dtype)
+
     @torch.library.register_fake("minibloom_matmul::quantize_rows")
     def _(w):
         return w.new_empty(w.shape, dtype=torch.int8), w.new_empty(w.shape[0], dtype=torch.float32)
@@ -283,17 +291,18 @@ def linear_w8a8(x, wq, w_scale, bias=None, threshold=6.0):
 
 
 def _w8a8_int_mm(x2, wq, w_scale, bias, threshold):
-    # Prefill: the same quantization (our kernel), torch._int_mm for the exact int32 GEMM, the same fp32 epilogue.
+    # Prefill: the same quantization (our kernel), torch._int_mm for the exact int32 GEMM, then the same fp32
+    # epilogue as one pass of ours (w8a8_epilogue: torch's four ops over the (M, N) product took a quarter of a
+    # batch-16 prefill, MATMUL.md).
     xq, s_x, outliers = _ops().quantize_activations(x2, threshold)
-    y = torch._int_mm(xq, wq.t()).float() * s_x[:, None] * w_scale[None, :]     # (M, N)
+    acc = torch._int_mm(xq, wq.t())                                                      # (M, N) int32
     # Compiled (a decode step of >= PREFILL_MIN_ROWS rows), the correction is always traced: a branch on the number
     # of outlier columns would depend on the data. With none it adds an (M, 0) @ (0, N) product, zeros.
+    extra = None
     if torch.compiler.is_compiling() or outliers.numel():
         o = outliers.long()
-        y = y + x2[:, o].float() @ (wq[:, o].float() * w_scale[:, None]).t()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x2.dtype)
+        extra = x2[:, o].float() @ (wq[:, o].float() * w_scale[:, None]).t()           # (M, N) fp32
+    return _ops().w8a8_epilogue(acc, s_x, w_scale, extra, bias, x2)
 
 
 def linear_int8_weight(x, wq, w_scale, bias=None):
@@ -343,6 +352,16 @@ def _f16_widened(x2, w, bias):
 def linear_f32(x, w, bias=None):
     """y = x @ w^T (+ b) in fp32: our kernel for decode rows, gemm_f32 from PREFILL_MIN_ROWS["f32"] rows on."""
     return _linear_float("f32", x, w, bias, torch.float32, gemm_f32)
+
+
+def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
+    """BLOOM's tanh GELU in one pass, in fp32 per element: x fp32|bf16|fp16 on the CPU, y in x's dtype, rounded once.
+    The reference is the model's (minibloom.ops.bloom_gelu), which rounds 16-bit values after every op, as
+    transformers does; in fp32 the two differ by the exp polynomial's ~1 ulp."""
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dtype not in _FLOATS:
+        raise ValueError("bloom_gelu: x must be a float32, bfloat16 or float16 CPU tensor")
+    x = x.contiguous()
+    return _ops().bloom_gelu(x).view(x.shape)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,9 @@ void linear_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bia
 void linear_f16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_dt, int64_t M, int64_t N,
                 int64_t K, uint16_t* y);
 void argmax_rows(const void* x, int dt, int64_t M, int64_t N, int64_t* out);
+void bloom_gelu(const void* x, int dt, int64_t n, void* y);
+void w8a8_epilogue(const int32_t* acc, const float* s_x, const float* w_scale, const float* extra,
+                   const void* bias, int bias_dt, int64_t M, int64_t N, void* y, int y_dt);
 }  // namespace mbmm
 
 static bool is_bf16(const Tensor& t) { return t.scalar_type() == ScalarType::BFloat16; }
@@ -159,6 +162,41 @@ Tensor linear_f32(Tensor x, Tensor w, std::optional<Tensor> bias) {
   return y;
 }
 
+// y (M, N) in like's dtype from torch._int_mm's int32 acc: acc * s_x * w_scale (+ extra) (+ bias).
+Tensor w8a8_epilogue(Tensor acc, Tensor s_x, Tensor w_scale, std::optional<Tensor> extra, std::optional<Tensor> bias,
+                     Tensor like) {
+  check_2d(acc, "acc");
+  STD_TORCH_CHECK(acc.scalar_type() == ScalarType::Int, "acc must be int32");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  STD_TORCH_CHECK(s_x.is_cpu() && s_x.scalar_type() == ScalarType::Float && s_x.is_contiguous() && s_x.numel() == M,
+                  "s_x must be a float32 (M,) CPU tensor");
+  STD_TORCH_CHECK(w_scale.is_cpu() && w_scale.scalar_type() == ScalarType::Float && w_scale.is_contiguous() &&
+                      w_scale.numel() == N,
+                  "w_scale must be a float32 (N,) CPU tensor");
+  if (extra) {
+    check_2d(*extra, "extra");
+    STD_TORCH_CHECK(extra->scalar_type() == ScalarType::Float && extra->size(0) == M && extra->size(1) == N,
+                    "extra must be float32 of acc's shape");
+  }
+  if (bias)
+    STD_TORCH_CHECK(bias->is_cpu() && is_float(*bias) && bias->is_contiguous() && bias->numel() == N,
+                    "bias must be a float32, bfloat16 or float16 (N,) CPU tensor");
+  STD_TORCH_CHECK(is_float(like), "like must be float32, bfloat16 or float16");
+  Tensor y = empty_cpu({M, N}, like.scalar_type());
+  mbmm::w8a8_epilogue((const int32_t*)acc.data_ptr(), (const float*)s_x.data_ptr(),
+                      (const float*)w_scale.data_ptr(), extra ? (const float*)extra->data_ptr() : nullptr,
+                      bias_ptr(bias), bias_dt(bias), M, N, y.data_ptr(), dtype_code(like));
+  return y;
+}
+
+// BLOOM's GELU of every element of x (contiguous, any shape), as a 1-D tensor of x.numel() (the wrapper views it).
+Tensor bloom_gelu(Tensor x) {
+  STD_TORCH_CHECK(x.is_cpu() && x.is_contiguous() && is_float(x), "x must be a contiguous float CPU tensor");
+  Tensor y = empty_cpu({x.numel()}, x.scalar_type());
+  mbmm::bloom_gelu(x.data_ptr(), dtype_code(x), x.numel(), y.data_ptr());
+  return y;
+}
+
 Tensor argmax_rows(Tensor x) {
   check_2d(x, "x");
   STD_TORCH_CHECK(is_float(x), "x must be float32, bfloat16 or float16");
@@ -180,6 +218,8 @@ STABLE_TORCH_LIBRARY(minibloom_matmul, m) {
   m.def("linear_f16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("bloom_gelu(Tensor x) -> Tensor");
+  m.def("w8a8_epilogue(Tensor acc, Tensor s_x, Tensor w_scale, Tensor? extra, Tensor? bias, Tensor like) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CPU, m) {
@@ -192,6 +232,8 @@ STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CPU, m) {
   m.impl("linear_f16", TORCH_BOX(&linear_f16));
   m.impl("linear_f32", TORCH_BOX(&linear_f32));
   m.impl("argmax_rows", TORCH_BOX(&argmax_rows));
+  m.impl("w8a8_epilogue", TORCH_BOX(&w8a8_epilogue));
+  m.impl("bloom_gelu", TORCH_BOX(&bloom_gelu));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CompositeExplicitAutograd, m) {

@@ -114,13 +114,37 @@ def test_w8a8_int32_accumulators_exact(path, M, K):
 
 @needs_ext
 @pytest.mark.parametrize("M", [1, 33])
-def test_w8a8_prefill_int_mm_path_same_semantics(M):
-    x = _x(M, 200, outliers=(7,))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_w8a8_prefill_int_mm_path_same_semantics(M, dtype):
+    x = _x(M, 200, dtype, outliers=(7,))
     wq, ws = mm.quantize_rows(_w(48, 200))
-    bias = torch.randn(48)
+    bias = torch.randn(48).to(dtype)
     y, r = mm._w8a8_int_mm(x, wq, ws, bias, 6.0), ref.linear_w8a8_ref(x, wq, ws, bias, 6.0)
-    torch.testing.assert_close(y, r, rtol=1e-6, atol=1e-6 * r.abs().max().item())
-    assert torch.equal(mm._w8a8_int_mm(x, wq, ws, None, 0.0), ref.linear_w8a8_ref(x, wq, ws, None, 0.0))
+    assert y.dtype == r.dtype == dtype
+    tol = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}.get(dtype, 1e-6) * r.float().abs().max().item()
+    torch.testing.assert_close(y.float(), r.float(), rtol=1e-6, atol=tol)           # the outlier GEMM's order
+    assert torch.equal(mm._w8a8_int_mm(x, wq, ws, bias, 0.0), ref.linear_w8a8_ref(x, wq, ws, bias, 0.0))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_extra,with_bias", [(False, False), (True, False), (False, True), (True, True)])
+def test_w8a8_epilogue_is_torch_ops_in_one_pass(dtype, with_extra, with_bias):
+    """After torch._int_mm: acc * s_x * w_scale (+ extra) (+ bias), rounded once to the output dtype, bit for bit
+    what torch's ops give in that order (linear_w8a8_ref's)."""
+    g = torch.Generator().manual_seed(5)
+    M, N = 37, 301
+    acc = torch.randint(-2 ** 20, 2 ** 20, (M, N), generator=g, dtype=torch.int32)
+    s_x, w_scale = torch.rand(M, generator=g) / 100, torch.rand(N, generator=g) / 100
+    extra = torch.randn(M, N, generator=g) if with_extra else None
+    bias = torch.randn(N, generator=g).to(dtype) if with_bias else None
+    y = torch.ops.minibloom_matmul.w8a8_epilogue(acc, s_x, w_scale, extra, bias, torch.empty(0, dtype=dtype))
+    r = acc.float() * s_x[:, None] * w_scale[None, :]
+    if extra is not None:
+        r = r + extra
+    if bias is not None:
+        r = r + bias.float()
+    assert y.dtype == dtype and torch.equal(y, r.to(dtype))
 
 
 @needs_ext
@@ -232,6 +256,32 @@ def test_f32_matches_ref(path, monkeypatch, M, N, K, with_bias):
         assert y.dtype == torch.float32 and y.shape == (M, N)
         err = (y.double() - exact).abs().max().item()
         assert err <= max(2 * ref_err, 4 * K * 2 ** -24 * scale)                 # summation order only
+
+
+# --- BLOOM's GELU ---------------------------------------------------------------------------------------------------
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(1,), (17,), (3, 5, 7), (2, 1025), (16, 4096)])   # tails; the last one threaded
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bloom_gelu_matches_the_model_reference(path, shape, dtype):
+    from minibloom.ops import bloom_gelu
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 4).to(dtype)
+    y = mm.bloom_gelu(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    exact = bloom_gelu(x.double())
+    if dtype == torch.float32:                                         # the exp polynomial's ~1 ulp, no more
+        torch.testing.assert_close(y, bloom_gelu(x), rtol=1e-6, atol=1e-6)
+    else:                                                              # rounded once: at most the reference's error
+        half_ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11                # relative, at most
+        assert ((y.double() - exact).abs() <= half_ulp * exact.abs() * 1.01 + 1e-6).all()
+        assert (y.double() - exact).abs().max() <= (bloom_gelu(x).double() - exact).abs().max()
+
+
+@needs_ext
+def test_bloom_gelu_special_values(path):
+    from minibloom.ops import bloom_gelu
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e30, -1e30, 300.0, -300.0, 1e-30])
+    torch.testing.assert_close(mm.bloom_gelu(x), bloom_gelu(x), equal_nan=True, rtol=1e-6, atol=0)
 
 
 # --- API ----------------------------------------------------------------------------------------------------------
