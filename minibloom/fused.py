@@ -71,12 +71,17 @@ class FusedBackend(ops.Backend):
             return self.mm.argmax(logits)
         return logits.argmax(-1)
 
+    # The tanh GELUs in one pass, in fp32 per element, where torch's seven or eight ops each read and write the
+    # (B, T, d_ff) activation (a third of a batch-16 fp32 prefill); 16-bit values are rounded once (MATMUL.md).
     def bloom_gelu(self, x):
-        # One pass in fp32 per element where torch's seven ops each read and write the (B, T, 4h) activation
-        # (a third of a batch-16 fp32 prefill); 16-bit values are rounded once (MATMUL.md).
         if self.device.type == "cpu" and x.dtype in self.mm._FLOATS:
-            return self.mm.bloom_gelu(x)
+            return self.mm.tanh_gelu(x, ops.BLOOM_GELU_C)
         return ops.bloom_gelu(x)
+
+    def gated_gelu_new(self, x, gate):
+        if self.device.type == "cpu" and x.dtype in self.mm._FLOATS and gate.dtype == x.dtype:
+            return self.mm.tanh_gelu(x, ops.GELU_NEW_C, gate)
+        return ops.gelu_new(x) * gate
 
     def linear(self, x, layer):
         w = layer.weight

@@ -30,7 +30,6 @@ run gives inf/NaN. transformers keeps every `wo` in fp32 (more memory). We keep 
      the inputs and outputs: an error below bf16's. The bound covers every partial sum too, so it holds for
      GEMMs that accumulate in fp16. Memory: the fp16 weights plus one float per Linear.
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -101,12 +100,7 @@ class T5Config:
         return self.model_type == "t5" and self.tie_word_embeddings is not False
 
 
-def gelu_new(x):
-    """tanh GELU, written as transformers' NewGELUActivation (the same ops, so the same bits in bf16)."""
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-
-
-ACTIVATIONS = {"gelu_new": gelu_new, "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+ACTIVATIONS = {"gelu_new": ops.gelu_new, "gelu": F.gelu, "relu": F.relu, "silu": F.silu}  # gelu_new: tanh GELU
 
 
 class Linear(ops.Linear):
@@ -217,10 +211,14 @@ class FFN(nn.Module):
         else:
             self.wi = Linear(cfg.d_model, cfg.d_ff)
         self.wo = Linear(cfg.d_ff, cfg.d_model)
+        self.backend = ops.REFERENCE
 
     def forward(self, x):
-        h = self.act(self.wi_0(x)) * self.wi_1(x) if hasattr(self, "wi_0") else self.act(self.wi(x))  # (B, T, d_ff)
-        return self.wo(h)
+        if not hasattr(self, "wi_0"):
+            return self.wo(self.act(self.wi(x)))
+        if self.act is ops.gelu_new:   # mT5, T5 v1.1: gelu_new(wi_0 x) * wi_1 x, one pass with the fused backend
+            return self.wo(self.backend.gated_gelu_new(self.wi_0(x), self.wi_1(x)))        # (B, T, d_ff) inside
+        return self.wo(self.act(self.wi_0(x)) * self.wi_1(x))
 
 
 class FFNLayer(nn.Module):

@@ -135,12 +135,21 @@ def t5_attention_ref(q, k, v, key_pos, bias: T5Bias | None, causal: bool, q_offs
     return torch.matmul(probs, v)                                                # (B, H, T, D)
 
 
-# --- BLOOM's GELU ---------------------------------------------------------------------------------------------------
+# --- tanh GELUs: BLOOM's, and T5's gated gelu_new ---------------------------------------------------------------------
+
+BLOOM_GELU_C = 0.79788456            # Megatron's literal for sqrt(2/pi)
+GELU_NEW_C = math.sqrt(2.0 / math.pi)
+
 
 def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     """BLOOM's tanh GELU with Megatron's literal constant 0.79788456 (~sqrt(2/pi)), in the activation dtype.
     F.gelu(approximate="tanh") is equal in fp32 but rounds differently in bf16."""
-    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+    return x * 0.5 * (1.0 + torch.tanh(BLOOM_GELU_C * x * (1 + 0.044715 * x * x)))
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """tanh GELU, written as transformers' NewGELUActivation (the same ops, so the same bits in bf16)."""
+    return 0.5 * x * (1.0 + torch.tanh(GELU_NEW_C * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
 # --- Memory that decoding streams: weights and the KV cache ---------------------------------------------------------
@@ -314,6 +323,10 @@ class Backend:
 
     def bloom_gelu(self, x):
         return bloom_gelu(x)
+
+    def gated_gelu_new(self, x, gate):
+        """T5 v1.1's gated FFN activation: gelu_new(wi_0 x) * wi_1 x."""
+        return gelu_new(x) * gate
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
         """Route every layer of `model` through this backend."""

@@ -145,11 +145,11 @@ static const bool g_sw_prefetch = sw_prefetch_rule();
     if constexpr (PF) _mm_prefetch((const char*)(p), _MM_HINT_T0); \
   } while (0)
 
-// Row driver (decode, M <= ROW_GROUPS_MAX_M; AVX-512 and AVX2): each OpenMP thread owns a contiguous range of weight rows and
-// reads each row once, front to back, dotting it with every row of x (which stays in L1). One sequential weight
-// stream per thread is what the hardware prefetchers follow best: on Sapphire Rapids it streams W at the
-// machine's read bandwidth, where interleaving 8 rows per panel (the tile driver) reached two thirds of it; on
-// Zen 2 (AVX2) the 4-row tiles read lm_head at half the rate of torch.sum (kernels/MATMUL.md).
+// Row driver (decode, M <= ROW_GROUPS_MAX_M; AVX-512 and AVX2): each OpenMP thread owns a contiguous range of
+// weight rows and reads each row once, front to back, dotting it with every row of x (which stays in L1). One
+// sequential weight stream per thread is what the hardware prefetchers follow best: on Sapphire Rapids it streams W
+// at the machine's read bandwidth, where interleaving 8 rows per panel (the tile driver) reached two thirds of it;
+// on Zen 2 (AVX2) the 4-row tiles read lm_head at half the rate of torch.sum (kernels/MATMUL.md).
 // Row kernels keep >= 4 independent accumulators per x row to hide the dot instructions' latency.
 // Each row kernel copies its context into a local and takes the prefetch choice as a template argument: with the
 // fields read through a reference (the stores to y might alias them) and the choice tested per line, lm_head
@@ -1112,51 +1112,64 @@ void linear_f32(const float* x, const float* w, const void* bias, int bias_dt, i
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// BLOOM's GELU, x * 0.5 * (1 + tanh(0.79788456 * x * (1 + 0.044715 * x * x))), for the fused backend. The same
-// function as x / (1 + exp(-2u)) with u the tanh's argument (0.5 * (1 + tanh u) is the logistic of 2u), in fp32
-// per element (bf16 / fp16 widened exactly, rounded once at the end), exp by vec.h's Cephes polynomial (~1 ulp).
-// One pass over the (B*T, 4h) activation where torch's seven elementwise ops took seven: a third of a batch-16
-// fp32 prefill of the bloomz-560m shape (MATMUL.md).
+// tanh GELU for the fused backend: y = x * 0.5 * (1 + tanh(c * x * (1 + 0.044715 * x * x))) (* gate), with
+// c = 0.79788456 (BLOOM, Megatron's literal) or sqrt(2/pi) (T5's gelu_new, times wi_1's output as the gate). The
+// same function as x / (1 + exp(-2u)) with u the tanh's argument (0.5 * (1 + tanh u) is the logistic of 2u), in
+// fp32 per element (bf16 / fp16 widened exactly, rounded once at the end), exp by vec.h's Cephes polynomial
+// (~1 ulp). One pass over the (B*T, d_ff) activation where torch's seven or eight elementwise ops took as many:
+// a third of a batch-16 fp32 prefill of the bloomz-560m shape (MATMUL.md).
 
 template <int W>
-inline typename Vec<W>::f gelu_v(typename Vec<W>::f x) {
-  const typename Vec<W>::f u = x * (x * x * 0.044715f + 1.f) * 0.79788456f;
+inline typename Vec<W>::f gelu_v(typename Vec<W>::f x, float c) {
+  const typename Vec<W>::f u = x * (x * x * 0.044715f + 1.f) * c;
   return x / (expv<W>(u * -2.f) + 1.f);
 }
 
-static inline float gelu_1(float x) {
-  const float u = x * (x * x * 0.044715f + 1.f) * 0.79788456f;
+static inline float gelu_1(float x, float c) {
+  const float u = x * (x * x * 0.044715f + 1.f) * c;
   return x / (std::exp(u * -2.f) + 1.f);
 }
 
+// y[i] = gelu(x[i]) (* g[i] when g is not null)
 template <int W>
-inline void gelu_span(const float* x, float* y, int64_t n) {
+inline void gelu_span(const float* x, const float* g, float c, float* y, int64_t n) {
   int64_t i = 0;
-  for (; i + W <= n; i += W) storef<W>(y + i, gelu_v<W>(loadf<W>(x + i)));
-  for (; i < n; i++) y[i] = gelu_1(x[i]);
+  for (; i + W <= n; i += W) {
+    typename Vec<W>::f v = gelu_v<W>(loadf<W>(x + i), c);
+    if (g) v = v * loadf<W>(g + i);
+    storef<W>(y + i, v);
+  }
+  for (; i < n; i++) y[i] = g ? gelu_1(x[i], c) * g[i] : gelu_1(x[i], c);
 }
 
-TGT_F __attribute__((flatten)) static void gelu_avx512(const float* x, float* y, int64_t n) { gelu_span<16>(x, y, n); }
-TGT_AVX2 __attribute__((flatten)) static void gelu_avx2(const float* x, float* y, int64_t n) { gelu_span<8>(x, y, n); }
-static void gelu_scalar(const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; i++) y[i] = gelu_1(x[i]);
+using GeluSpan = void (*)(const float*, const float*, float, float*, int64_t);
+TGT_F __attribute__((flatten)) static void gelu_avx512(const float* x, const float* g, float c, float* y, int64_t n) {
+  gelu_span<16>(x, g, c, y, n);
+}
+TGT_AVX2 __attribute__((flatten)) static void gelu_avx2(const float* x, const float* g, float c, float* y, int64_t n) {
+  gelu_span<8>(x, g, c, y, n);
+}
+static void gelu_scalar(const float* x, const float* g, float c, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i++) y[i] = g ? gelu_1(x[i], c) * g[i] : gelu_1(x[i], c);
 }
 
-// x, y: n elements of dt (fp32, bf16, fp16). 16-bit values go through an fp32 buffer of 4 KiB per thread.
-void bloom_gelu(const void* x, int dt, int64_t n, void* y) {
-  void (*span)(const float*, float*, int64_t) = use_f() ? gelu_avx512 : use_avx2() ? gelu_avx2 : gelu_scalar;
+// x, gate (or null), y: n elements of dt (fp32, bf16, fp16). 16-bit values go through fp32 buffers of 4 KiB.
+void tanh_gelu(const void* x, const void* gate, int dt, int64_t n, float c, void* y) {
+  const GeluSpan span = use_f() ? gelu_avx512 : use_avx2() ? gelu_avx2 : gelu_scalar;
   constexpr int64_t CHUNK = 1024;
   const int64_t chunks = (n + CHUNK - 1) / CHUNK;
 #pragma omp parallel for schedule(static) if (n >= (1 << 15))
-  for (int64_t c = 0; c < chunks; c++) {
-    const int64_t i0 = c * CHUNK, len = std::min(CHUNK, n - i0);
+  for (int64_t ch = 0; ch < chunks; ch++) {
+    const int64_t i0 = ch * CHUNK, len = std::min(CHUNK, n - i0);
     if (dt == DT_F32) {
-      span((const float*)x + i0, (float*)y + i0, len);
+      span((const float*)x + i0, gate ? (const float*)gate + i0 : nullptr, c, (float*)y + i0, len);
       continue;
     }
-    float buf[CHUNK];
+    float buf[CHUNK], gbuf[CHUNK];
     for (int64_t i = 0; i < len; i++) buf[i] = load_f(x, dt, i0 + i);
-    span(buf, buf, len);
+    if (gate)
+      for (int64_t i = 0; i < len; i++) gbuf[i] = load_f(gate, dt, i0 + i);
+    span(buf, gate ? gbuf : nullptr, c, buf, len);
     for (int64_t i = 0; i < len; i++) store_y(y, dt, i0 + i, buf[i]);
   }
 }

@@ -130,8 +130,8 @@ def _register_fakes():
         return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32),
                 x.new_empty(n_out, dtype=torch.int32))
 
-    @torch.library.register_fake("minibloom_matmul::bloom_gelu")
-    def _(x):
+    @torch.library.register_fake("minibloom_matmul::tanh_gelu")
+    def _(x, c, gate):
         return x.new_empty(x.numel())
 
     @torch.library.register_fake("minibloom_matmul::w8a8_epilogue")
@@ -354,14 +354,18 @@ def linear_f32(x, w, bias=None):
     return _linear_float("f32", x, w, bias, torch.float32, gemm_f32)
 
 
-def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
-    """BLOOM's tanh GELU in one pass, in fp32 per element: x fp32|bf16|fp16 on the CPU, y in x's dtype, rounded once.
-    The reference is the model's (minibloom.ops.bloom_gelu), which rounds 16-bit values after every op, as
-    transformers does; in fp32 the two differ by the exp polynomial's ~1 ulp."""
+def tanh_gelu(x: torch.Tensor, c: float, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """x * 0.5 * (1 + tanh(c * x * (1 + 0.044715 x^2))) (* gate) in one pass, in fp32 per element: x (and gate)
+    fp32|bf16|fp16 on the CPU, y in x's dtype, rounded once. c = 0.79788456 is BLOOM's GELU (minibloom.ops.bloom_gelu),
+    c = sqrt(2/pi) with wi_1's output as the gate T5's gated gelu_new (ops.gated_gelu_new); those references round
+    16-bit values after every op, as transformers does; in fp32 the two differ by the exp polynomial's ~1 ulp."""
     if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dtype not in _FLOATS:
-        raise ValueError("bloom_gelu: x must be a float32, bfloat16 or float16 CPU tensor")
+        raise ValueError("tanh_gelu: x must be a float32, bfloat16 or float16 CPU tensor")
+    if gate is not None and (not isinstance(gate, torch.Tensor) or gate.shape != x.shape or gate.dtype != x.dtype
+                             or gate.device != x.device):
+        raise ValueError("tanh_gelu: gate must be a tensor of x's shape, dtype and device")
     x = x.contiguous()
-    return _ops().bloom_gelu(x).view(x.shape)
+    return _ops().tanh_gelu(x, float(c), None if gate is None else gate.contiguous()).view(x.shape)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

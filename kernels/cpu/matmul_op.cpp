@@ -32,7 +32,7 @@ void linear_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bia
 void linear_f16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_dt, int64_t M, int64_t N,
                 int64_t K, uint16_t* y);
 void argmax_rows(const void* x, int dt, int64_t M, int64_t N, int64_t* out);
-void bloom_gelu(const void* x, int dt, int64_t n, void* y);
+void tanh_gelu(const void* x, const void* gate, int dt, int64_t n, float c, void* y);
 void w8a8_epilogue(const int32_t* acc, const float* s_x, const float* w_scale, const float* extra,
                    const void* bias, int bias_dt, int64_t M, int64_t N, void* y, int y_dt);
 }  // namespace mbmm
@@ -189,11 +189,16 @@ Tensor w8a8_epilogue(Tensor acc, Tensor s_x, Tensor w_scale, std::optional<Tenso
   return y;
 }
 
-// BLOOM's GELU of every element of x (contiguous, any shape), as a 1-D tensor of x.numel() (the wrapper views it).
-Tensor bloom_gelu(Tensor x) {
+// tanh GELU of every element of x (contiguous, any shape), times gate's when given (same dtype and size), as a
+// 1-D tensor of x.numel() (the wrapper views it).
+Tensor tanh_gelu(Tensor x, double c, std::optional<Tensor> gate) {
   STD_TORCH_CHECK(x.is_cpu() && x.is_contiguous() && is_float(x), "x must be a contiguous float CPU tensor");
+  if (gate)
+    STD_TORCH_CHECK(gate->is_cpu() && gate->is_contiguous() && gate->scalar_type() == x.scalar_type() &&
+                        gate->numel() == x.numel(),
+                    "gate must be a contiguous CPU tensor of x's dtype and size");
   Tensor y = empty_cpu({x.numel()}, x.scalar_type());
-  mbmm::bloom_gelu(x.data_ptr(), dtype_code(x), x.numel(), y.data_ptr());
+  mbmm::tanh_gelu(x.data_ptr(), gate ? gate->data_ptr() : nullptr, dtype_code(x), x.numel(), (float)c, y.data_ptr());
   return y;
 }
 
@@ -218,7 +223,7 @@ STABLE_TORCH_LIBRARY(minibloom_matmul, m) {
   m.def("linear_f16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
-  m.def("bloom_gelu(Tensor x) -> Tensor");
+  m.def("tanh_gelu(Tensor x, float c, Tensor? gate) -> Tensor");
   m.def("w8a8_epilogue(Tensor acc, Tensor s_x, Tensor w_scale, Tensor? extra, Tensor? bias, Tensor like) -> Tensor");
 }
 
@@ -233,7 +238,7 @@ STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CPU, m) {
   m.impl("linear_f32", TORCH_BOX(&linear_f32));
   m.impl("argmax_rows", TORCH_BOX(&argmax_rows));
   m.impl("w8a8_epilogue", TORCH_BOX(&w8a8_epilogue));
-  m.impl("bloom_gelu", TORCH_BOX(&bloom_gelu));
+  m.impl("tanh_gelu", TORCH_BOX(&tanh_gelu));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CompositeExplicitAutograd, m) {

@@ -258,30 +258,39 @@ def test_f32_matches_ref(path, monkeypatch, M, N, K, with_bias):
         assert err <= max(2 * ref_err, 4 * K * 2 ** -24 * scale)                 # summation order only
 
 
-# --- BLOOM's GELU ---------------------------------------------------------------------------------------------------
+# --- tanh GELUs: BLOOM's, and T5's gated gelu_new ---------------------------------------------------------------------
+
+def _gelu_refs():
+    from minibloom import ops
+    return {"bloom": (ops.BLOOM_GELU_C, lambda x, g: ops.bloom_gelu(x)),
+            "gated gelu_new": (ops.GELU_NEW_C, lambda x, g: ops.gelu_new(x) * g)}
+
 
 @needs_ext
 @pytest.mark.parametrize("shape", [(1,), (17,), (3, 5, 7), (2, 1025), (16, 4096)])   # tails; the last one threaded
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_bloom_gelu_matches_the_model_reference(path, shape, dtype):
-    from minibloom.ops import bloom_gelu
-    x = (torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 4).to(dtype)
-    y = mm.bloom_gelu(x)
+@pytest.mark.parametrize("kind", ["bloom", "gated gelu_new"])
+def test_tanh_gelu_matches_the_model_reference(path, shape, dtype, kind):
+    c, reference = _gelu_refs()[kind]
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(shape, generator=g) * 4).to(dtype)
+    gate = (torch.randn(shape, generator=g) * 2).to(dtype) if kind != "bloom" else None
+    y = mm.tanh_gelu(x, c, gate)
     assert y.dtype == dtype and y.shape == x.shape
-    exact = bloom_gelu(x.double())
+    exact = reference(x.double(), None if gate is None else gate.double())
     if dtype == torch.float32:                                         # the exp polynomial's ~1 ulp, no more
-        torch.testing.assert_close(y, bloom_gelu(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(y, reference(x, gate), rtol=2e-6, atol=2e-6)
     else:                                                              # rounded once: at most the reference's error
         half_ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11                # relative, at most
-        assert ((y.double() - exact).abs() <= half_ulp * exact.abs() * 1.01 + 1e-6).all()
-        assert (y.double() - exact).abs().max() <= (bloom_gelu(x).double() - exact).abs().max()
+        assert ((y.double() - exact).abs() <= half_ulp * exact.abs() * 1.01 + 1e-5).all()
+        assert (y.double() - exact).abs().max() <= (reference(x, gate).double() - exact).abs().max()
 
 
 @needs_ext
-def test_bloom_gelu_special_values(path):
-    from minibloom.ops import bloom_gelu
+def test_tanh_gelu_special_values(path):
+    c, reference = _gelu_refs()["bloom"]
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e30, -1e30, 300.0, -300.0, 1e-30])
-    torch.testing.assert_close(mm.bloom_gelu(x), bloom_gelu(x), equal_nan=True, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mm.tanh_gelu(x, c), reference(x, None), equal_nan=True, rtol=1e-6, atol=0)
 
 
 # --- API ----------------------------------------------------------------------------------------------------------
