@@ -73,13 +73,15 @@ class FusedBackend(ops.Backend):
 
     # The tanh GELUs in one pass, in fp32 per element, where torch's seven or eight ops each read and write the
     # (B, T, d_ff) activation (a third of a batch-16 fp32 prefill); 16-bit values are rounded once (MATMUL.md).
+    # Not in a compiled step: inductor fuses the reference's ops into its own loop there, as before the kernel.
+    def _gelu_kernel(self, x) -> bool:
+        return self.device.type == "cpu" and x.dtype in self.mm._FLOATS and not torch.compiler.is_compiling()
+
     def bloom_gelu(self, x):
-        if self.device.type == "cpu" and x.dtype in self.mm._FLOATS:
-            return self.mm.tanh_gelu(x, ops.BLOOM_GELU_C)
-        return ops.bloom_gelu(x)
+        return self.mm.tanh_gelu(x, ops.BLOOM_GELU_C) if self._gelu_kernel(x) else ops.bloom_gelu(x)
 
     def gated_gelu_new(self, x, gate):
-        if self.device.type == "cpu" and x.dtype in self.mm._FLOATS and gate.dtype == x.dtype:
+        if self._gelu_kernel(x) and gate.dtype == x.dtype:
             return self.mm.tanh_gelu(x, ops.GELU_NEW_C, gate)
         return ops.gelu_new(x) * gate
 

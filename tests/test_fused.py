@@ -77,3 +77,21 @@ def test_fused_argmax_equals_torch_for_every_dtype():
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):  # float64: torch's own argmax
         x = torch.randn(2, 3, 1003, generator=torch.Generator().manual_seed(0)).to(dtype)
         assert torch.equal(backend.argmax(x), x.argmax(-1))
+
+
+@pytest.mark.parametrize("family", ["bloom", "mt5"])
+def test_fused_models_run_their_gelu_through_the_kernel(family, monkeypatch):
+    """Every FFN of an eager fused forward calls matmul.tanh_gelu (a silent fallback to torch's ops would only be
+    slower, so it is checked here); the parity tests above bound what it computes."""
+    from minibloom.kernels.cpu import matmul as mm
+    folder = bloom_checkpoint(TINY_BLOOM) if family == "bloom" else mt5_checkpoint(TINY_MT5)
+    lm = minibloom.load(folder, dtype="bfloat16", backend="fused")
+    calls = []
+    kernel = mm.tanh_gelu
+    monkeypatch.setattr(mm, "tanh_gelu", lambda *a, **k: calls.append(a[1]) or kernel(*a, **k))
+    ids, mask = lm.encode_batch(PROMPTS)
+    with torch.no_grad():
+        lm.model(ids, mask) if family == "bloom" else lm.model(ids, mask, decoder_input_ids=ids[:, :1] * 0)
+    cfg = lm.model.config
+    layers = cfg.n_layer if family == "bloom" else cfg.num_layers + cfg.num_decoder_layers
+    assert len(calls) == layers
