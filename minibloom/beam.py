@@ -101,6 +101,8 @@ def beam_search(model, input_ids, attention_mask, opts: GenerationOptions, eos_i
             break
         state.reorder(reorder)
         logits = model.step(state, running[:, :, cur - 1].reshape(-1))
+    for cache in state.caches:                     # their buffers serve the next generation
+        cache.release()
 
     n = opts.num_return_sequences
     origin = finished_origin[:, :n].reshape(B * n, -1)

@@ -154,27 +154,31 @@ def decode_tokens(model, input_ids, attention_mask, opts: GenerationOptions, eos
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
     rows = torch.arange(B, device=input_ids.device)   # the rows the state holds, in its order
     shrink = pad_id is not None and not model.compiled_decode
-    for i in range(opts.max_new_tokens):
-        scores = process_scores(logits.float(), history[rows], None if skip is None else skip[rows], i, opts,
-                                eos_id)
-        if opts.do_sample:
-            probs = sample_filter(scores, opts).softmax(dim=-1)
-            picked = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            picked = model.backend.argmax(scores)
-        tokens = picked if len(rows) == B else picked.new_full((B,), pad_id).index_copy(0, rows, picked)
-        if pad_id is not None:
-            tokens = torch.where(unfinished, tokens, pad_id)
-        history = torch.cat([history, tokens[:, None]], dim=1)
-        yield tokens
-        if eos_id is not None:
-            unfinished &= tokens != eos_id
-        if stop_check is not None:
-            unfinished &= ~stop_check(history[:, P:])
-        if not unfinished.any() or i + 1 == opts.max_new_tokens:
-            return
-        running = unfinished[rows]
-        if shrink and len(rows) - int(running.sum()) >= max(1, len(rows) // 4):
-            state.reorder(running.nonzero()[:, 0])
-            rows = rows[running]
-        logits = model.step(state, tokens[rows])
+    try:
+        for i in range(opts.max_new_tokens):
+            scores = process_scores(logits.float(), history[rows], None if skip is None else skip[rows], i, opts,
+                                    eos_id)
+            if opts.do_sample:
+                probs = sample_filter(scores, opts).softmax(dim=-1)
+                picked = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                picked = model.backend.argmax(scores)
+            tokens = picked if len(rows) == B else picked.new_full((B,), pad_id).index_copy(0, rows, picked)
+            if pad_id is not None:
+                tokens = torch.where(unfinished, tokens, pad_id)
+            history = torch.cat([history, tokens[:, None]], dim=1)
+            yield tokens
+            if eos_id is not None:
+                unfinished &= tokens != eos_id
+            if stop_check is not None:
+                unfinished &= ~stop_check(history[:, P:])
+            if not unfinished.any() or i + 1 == opts.max_new_tokens:
+                return
+            running = unfinished[rows]
+            if shrink and len(rows) - int(running.sum()) >= max(1, len(rows) // 4):
+                state.reorder(running.nonzero()[:, 0])
+                rows = rows[running]
+            logits = model.step(state, tokens[rows])
+    finally:                                          # the caches' buffers serve the next generation
+        for cache in state.caches:
+            cache.release()

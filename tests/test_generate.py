@@ -123,3 +123,22 @@ def test_request_that_cannot_fit_in_memory_is_refused_before_allocating(lm):
 def test_out_of_vocabulary_ids(lm):
     with pytest.raises(MinibloomError, match="outside the vocabulary"):
         lm.generate_ids(torch.tensor([[10**6]]), max_new_tokens=2)
+
+
+def test_kv_cache_buffers_serve_the_next_generation(lm, monkeypatch):
+    """A finished generation's huge-page KV buffers are kept (a fresh 2 MiB page costs milliseconds to fault in)
+    and the next generation's caches take them: the same buffers, zeroed, and the same tokens."""
+    from minibloom import ops
+    monkeypatch.setattr(ops, "HUGE_PAGE", 4096)        # the tiny model's caches count as huge-page ones
+    monkeypatch.setattr(ops, "_spare_kv", [])
+    prompts = ["Translate to English: Je t'aime.", "Hi", "Hello there"]
+    first = lm.generate(prompts, max_new_tokens=12)
+    spares = {b.data_ptr() for b in ops._spare_kv}
+    assert len(spares) == 2 * lm.model.config.n_layer
+    assert lm.generate(prompts, max_new_tokens=12) == first
+    assert {b.data_ptr() for b in ops._spare_kv} == spares
+    assert lm.generate(prompts, max_new_tokens=12, num_beams=2) == lm.generate(prompts, max_new_tokens=12,
+                                                                                   num_beams=2)
+    monkeypatch.setattr(ops, "SPARE_KV_BYTES", 3 * ops._spare_kv[0].numel())
+    lm.generate(prompts, max_new_tokens=12)
+    assert len(ops._spare_kv) == 3                     # the rest went back to the OS

@@ -93,15 +93,16 @@ def test_peak_rss_while_loading_in_checkpoint_dtype_under_1_3x_weights():
     assert peak - base < 1.3 * weights, (peak - base) / weights
 
 
-def page_faults_of_a_reused_activation(folder, env=None):
-    """Minor page faults of filling a 64 MB tensor after the same size was freed, in a fresh process after a load."""
+def page_faults_of_reused_activations(folder, env=None):
+    """Minor page faults of 20 rounds of allocating, filling and freeing a 64 MB tensor (16,384 pages of 4 KiB), as
+    a prefill's ops do, in a fresh process after a load."""
     code = f"""
 import resource, torch, minibloom
 lm = minibloom.load({str(folder)!r})
-x = torch.ones(16 << 20)
-del x
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-x = torch.ones(16 << 20)
+for _ in range(20):
+    x = torch.ones(16 << 20)
+    del x
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
     env = {**os.environ, **(env or {})}
@@ -111,11 +112,13 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc malloc setting")
 def test_activations_reuse_freed_memory_after_a_cpu_load():
-    """ops.reuse_freed_memory: a prefill's large activations come back from the heap, not from fresh page faults
-    (64 MB is 16,384 pages of 4 KiB), unless GLIBC_TUNABLES chose malloc's settings."""
+    """ops.reuse_freed_memory: large activations come back from the heap, not from fresh page faults. The heap
+    still grows now and then (torch's 64-byte aligned blocks do not always fit the hole a freed one left: 1-4 of
+    20 rounds measured), where glibc's defaults map and fault in every round; unless GLIBC_TUNABLES chose."""
     folder = bloom_checkpoint(TINY_BLOOM)
-    assert page_faults_of_a_reused_activation(folder) < 1000
-    assert page_faults_of_a_reused_activation(folder, {"GLIBC_TUNABLES": "glibc.malloc.check=0"}) > 10000
+    rounds = 20 * 16384
+    assert page_faults_of_reused_activations(folder) < 0.4 * rounds
+    assert page_faults_of_reused_activations(folder, {"GLIBC_TUNABLES": "glibc.malloc.check=0"}) > 0.9 * rounds
 
 
 def test_path_that_does_not_exist():
