@@ -391,8 +391,20 @@ static void quantize_act_impl(const void* x, int x_dt, int64_t M, int64_t K, flo
   xf.resize(M * K);
   outl.clear();
   std::vector<float> cmax(threshold > 0.f ? K : 0, 0.f);  // max_m |x[m, k]|
+  // Prefill: threads take blocks of rows (each its own column maxima, then the max of those); the same values as
+  // one thread, since each row's steps are its own and a max does not depend on the order.
+  const int T = M * K >= (1 << 18) ? omp_get_max_threads() : 1;
   if (use_f()) {
-    to_f32_colmax_avx512(x, x_dt, M, K, xf.data(), threshold > 0.f ? cmax.data() : nullptr);
+    std::vector<float> cmax_t(threshold > 0.f ? (size_t)T * K : 0, 0.f);
+#pragma omp parallel num_threads(T) if (T > 1)
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      const int64_t m0 = M * t / nt, m1 = M * (t + 1) / nt;
+      to_f32_colmax_avx512((const char*)x + m0 * K * dt_size(x_dt), x_dt, m1 - m0, K, xf.data() + m0 * K,
+                           threshold > 0.f ? cmax_t.data() + (size_t)t * K : nullptr);
+    }
+    for (int t = 0; t < T && threshold > 0.f; t++)
+      for (int64_t k = 0; k < K; k++) cmax[k] = std::max(cmax[k], cmax_t[(size_t)t * K + k]);
     if (threshold > 0.f) outlier_columns_avx512(cmax.data(), K, threshold, outl);
   } else {
     for (int64_t i = 0; i < M * K; i++) xf[i] = load_f(x, x_dt, i);
@@ -410,12 +422,18 @@ static void quantize_act_impl(const void* x, int x_dt, int64_t M, int64_t K, flo
       xo[m * no + j] = xf[m * K + outl[j]];
       xf[m * K + outl[j]] = 0.f;
     }
-  if (use_f())
-    quant_rows_avx512(xf.data(), M, K, q, s_x, sum_x);
-  else if (use_avx2())
-    quant_rows_avx2(xf.data(), M, K, q, s_x);
-  else
-    quant_rows_scalar(xf.data(), M, K, q, s_x);
+#pragma omp parallel num_threads(T) if (T > 1)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t m0 = M * t / nt, rows = M * (t + 1) / nt - m0;
+    const float* xr = xf.data() + m0 * K;
+    if (use_f())
+      quant_rows_avx512(xr, rows, K, q + m0 * K, s_x + m0, sum_x ? sum_x + m0 : nullptr);
+    else if (use_avx2())
+      quant_rows_avx2(xr, rows, K, q + m0 * K, s_x + m0);
+    else
+      quant_rows_scalar(xr, rows, K, q + m0 * K, s_x + m0);
+  }
 }
 
 // Weights at load time: q = round_half_even(w / s), s = absmax/127 per row (1 for a zero row): the activation

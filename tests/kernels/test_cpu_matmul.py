@@ -127,6 +127,21 @@ def test_w8a8_prefill_int_mm_path_same_semantics(M, dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("M,K", [(300, 1030), (128, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+def test_prefill_activation_quantization_in_row_blocks_equals_ref(path, M, K, dtype, threshold):
+    """From 2^18 values on, threads quantize blocks of rows and merge their column maxima: the same xq, s_x and
+    outlier columns as the reference, bit for bit, and the same int32 path after it."""
+    x = _x(M, K, dtype, outliers=(3, 700, 1029))
+    for a, b in zip(mm.quantize_activations(x, threshold), ref.quantize_activations_ref(x, threshold)):
+        assert torch.equal(a, b)
+    wq, ws = mm.quantize_rows(_w(40, K))                     # the op itself: its VNNI correction sums per block too
+    y = torch.ops.minibloom_matmul.linear_w8a8(x.contiguous(), wq, ws, None, 0.0)
+    assert torch.equal(y, ref.linear_w8a8_ref(x, wq, ws, None, 0.0))
+
+
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_extra,with_bias", [(False, False), (True, False), (False, True), (True, True)])
 def test_w8a8_epilogue_is_torch_ops_in_one_pass(dtype, with_extra, with_bias):
