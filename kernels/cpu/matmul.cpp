@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "floats.h"
@@ -223,32 +224,22 @@ static void drive_rows(const Ctx& c) {
   }
 }
 
+// The row driver for a run-time M, through its compile-time group sizes: M <= 8 is one group of M rows, a larger M
+// groups of 8 and then a tail of M % 8 (I runs over 0..7).
+template <class Kern, class Ctx, int... I>
+static void drive_rows_for(const Ctx& c, std::integer_sequence<int, I...>) {
+  if (c.M <= 8)
+    (void)((c.M == I + 1 && (drive_rows<Kern, I + 1, 0>(c), true)) || ...);
+  else
+    (void)((c.M % 8 == I && (drive_rows<Kern, 8, I>(c), true)) || ...);
+}
+
 // Returns false when M is too large for the row kernels (prefill): the caller uses the tiles.
 template <class Kern, class Ctx>
 static bool run_rows(const Ctx& c) {
   if (c.M < 1 || c.M > ROW_GROUPS_MAX_M) return false;
-  if (c.M <= 8) {
-    switch (c.M) {
-      case 1: return drive_rows<Kern, 1, 0>(c), true;
-      case 2: return drive_rows<Kern, 2, 0>(c), true;
-      case 3: return drive_rows<Kern, 3, 0>(c), true;
-      case 4: return drive_rows<Kern, 4, 0>(c), true;
-      case 5: return drive_rows<Kern, 5, 0>(c), true;
-      case 6: return drive_rows<Kern, 6, 0>(c), true;
-      case 7: return drive_rows<Kern, 7, 0>(c), true;
-      default: return drive_rows<Kern, 8, 0>(c), true;
-    }
-  }
-  switch (c.M % 8) {
-    case 0: return drive_rows<Kern, 8, 0>(c), true;
-    case 1: return drive_rows<Kern, 8, 1>(c), true;
-    case 2: return drive_rows<Kern, 8, 2>(c), true;
-    case 3: return drive_rows<Kern, 8, 3>(c), true;
-    case 4: return drive_rows<Kern, 8, 4>(c), true;
-    case 5: return drive_rows<Kern, 8, 5>(c), true;
-    case 6: return drive_rows<Kern, 8, 6>(c), true;
-    default: return drive_rows<Kern, 8, 7>(c), true;
-  }
+  drive_rows_for<Kern>(c, std::make_integer_sequence<int, 8>{});
+  return true;
 }
 
 // Accumulators per x row in a row kernel: 4 for one row, fewer as rows add independent chains.
