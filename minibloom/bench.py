@@ -14,22 +14,18 @@ Method (each point is there because the number would lie without it):
     run is measured too (machine busy time minus the worker's own). Loaded runs are kept and marked, never hidden;
   * the floor is the machine's read bandwidth measured in the same run (a reduction over a buffer far larger than
     L3, best of N): a decode step cannot be faster than (weight bytes it reads) / (bandwidth).
-The worker code (engine loading, timing, conversion, the bandwidth probe) is in bench_peers.py; the tables and
-the chart are in bench_report.py. This file, in order: the floor, the quiet-machine check, running workers,
-planning (which engine and precision runs), statistics and the report, then the command itself:
-run -> make_batches -> run_rounds -> finish -> show.
+The worker code (engine loading, timing, conversion, the bandwidth probe) is in bench_peers.py; the floor's
+arithmetic, the quiet-machine check and the machine's description in bench_machine.py; the statistics, tables and
+chart in bench_report.py. This file, in order: running workers, planning (which engine and precision runs), then
+the command itself: run -> make_batches -> run_rounds -> finish -> show.
 """
 import argparse
 import datetime
 import importlib.util
 import json
-import math
 import os
-import platform
 import resource
 import shlex
-import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -38,16 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import bench_peers
-from .bench_report import FIGURES, markdown, plot
+from .bench_machine import (QUANT_MODES, busy_share, checkpoint_shapes, cpu_jiffies, decode_weight_bytes,
+                            machine_info, quiet_check)
+from .bench_report import markdown, plot, summarize
 from .bench_peers import SHAPES
 from .cli import add_model_arguments, positive_int
 from .errors import MinibloomError
 
 PEERS = ("transformers", "ctranslate2")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-QUANT_MODES = ("int8", "int8-weight")
-QUIET_WINDOW_S = 1.0  # the busy share is sampled over this window
-ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -60,105 +55,6 @@ class Variant:
     @property
     def name(self) -> str:
         return f"{self.engine} {self.precision}"
-
-
-# -- the floor ---------------------------------------------------------------------------------------------------------
-
-def checkpoint_shapes(folder: Path) -> dict[str, list[int]]:
-    """{tensor name: shape} from the safetensors headers (8-byte length + JSON), without reading any weights."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
-        else ["model.safetensors"]
-    shapes = {}
-    for name in files:
-        path = folder / name
-        if not path.is_file():
-            raise MinibloomError(f"{folder} has no {name}: pass the folder of a safetensors checkpoint")
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
-    return shapes
-
-
-def decode_tensors(shapes: dict, model_type: str) -> list[str]:
-    """The tensors one decode step must read in full.
-
-    BLOOM: all of them; the input embedding is also the output head (tied), so the whole matrix is read.
-    T5 family: the decoder, minus the cross-attention K/V projections (applied to the encoder output once, before
-    decoding), plus the head (lm_head, or the shared embedding when tied). The encoder and the embedding lookup
-    (B rows) are not read per token."""
-    names = list(shapes)
-    if model_type not in ("t5", "mt5"):
-        tied = "lm_head.weight" not in shapes
-        return [n for n in names if tied or not n.endswith("word_embeddings.weight")]
-    out = [n for n in names if n.startswith("decoder.") and "embed_tokens" not in n
-           and ".EncDecAttention.k." not in n and ".EncDecAttention.v." not in n]
-    return out + ["lm_head.weight" if "lm_head.weight" in shapes else "shared.weight"]
-
-
-def decode_weight_bytes(shapes: dict, model_type: str, precision: str, dtype: str = "float32") -> int:
-    """Bytes of weights read per decode step. int8: 1 byte per weight of every matrix plus one fp32 scale per row;
-    vectors (biases, norms) stay in the activation dtype."""
-    total = 0
-    for name in decode_tensors(shapes, model_type):
-        shape = shapes[name]
-        n = math.prod(shape)
-        if precision in QUANT_MODES and len(shape) == 2:
-            total += n + 4 * shape[0]
-        else:
-            total += n * ITEMSIZE[precision if precision in ITEMSIZE else dtype]
-    return total
-
-
-def floor_ms(weight_bytes: int, bandwidth_gbps: float) -> float:
-    """The fastest a decode step can be: its weight bytes streamed once at the measured read bandwidth."""
-    return weight_bytes / (bandwidth_gbps * 1e9) * 1e3
-
-
-def percent_of_floor(measured_ms: float, floor: float) -> float:
-    """Measured time as a % of the floor: 100% is at the floor, 200% twice as slow as the floor."""
-    return 100.0 * measured_ms / floor
-
-
-# -- is the machine quiet? ---------------------------------------------------------------------------------------------
-
-def cpu_jiffies(stat_text: str | None = None) -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs, from the first line of /proc/stat (guest time is already in user)."""
-    if stat_text is None:
-        stat_text = Path("/proc/stat").read_text()
-    fields = [int(v) for v in stat_text.split("\n", 1)[0].split()[1:9]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
-
-
-def busy_share(before: tuple[int, int], after: tuple[int, int], own_cpu_s: float = 0.0) -> float:
-    """Share of the machine's CPU time used by other processes between two cpu_jiffies() readings."""
-    busy, total = after[0] - before[0], after[1] - before[1]
-    if total <= 0:
-        return 0.0
-    own = own_cpu_s * os.sysconf("SC_CLK_TCK")
-    return max(0.0, min(1.0, (busy - own) / total))
-
-
-def quiet_check(threshold: float, max_wait_s: float) -> dict:
-    """Sample the machine's busy share over QUIET_WINDOW_S, until it is below threshold or max_wait_s has passed."""
-    t0 = time.monotonic()
-    while True:
-        before = cpu_jiffies()
-        time.sleep(QUIET_WINDOW_S)
-        share = busy_share(before, cpu_jiffies())
-        waited = time.monotonic() - t0
-        if share <= threshold or waited >= max_wait_s:
-            return {"busy": share, "quiet": share <= threshold, "waited_s": waited, "loadavg": _loadavg()}
-
-
-def _loadavg() -> float | None:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 # -- running workers ---------------------------------------------------------------------------------------------------
@@ -270,105 +166,6 @@ def plan(dtypes, quantize, peers, ct2_types) -> tuple[list[Variant], list[str]]:
                 notes.append(f"ctranslate2 {precision}: not measured (this device supports "
                              f"{', '.join(ct2_types) or 'nothing'})")
     return variants, notes
-
-
-# -- statistics and report ---------------------------------------------------------------------------------------------
-
-def stats(values: list[float]) -> dict | None:
-    if not values:
-        return None
-    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
-
-
-def summarize(runs: list[dict], variants: list[Variant], batches: list[int], weight_bytes: dict,
-              bandwidth: float) -> list[dict]:
-    """One row per (variant, batch): every figure's min/median/max over the counted runs, the floor, the ratios."""
-    rows = []
-    for v in variants:
-        mine = [r for r in runs if r["variant"] == v.name and "result" in r]
-        for i, B in enumerate(batches):
-            samples = [(r, r["result"]["batches"][i]) for r in mine]
-            if not samples:
-                continue
-            figs = {
-                "load_s": stats([r["result"]["load_s"] for r, _ in samples]),
-                "ttft_ms": stats([b["ttft_s"] * 1e3 for _, b in samples]),
-                "prefill_tok_s": stats([b["prefill_tok_s"] for _, b in samples]),
-                "decode_ms": stats([b["decode_s"] * 1e3 for _, b in samples]),
-                "peak_rss_mb": stats([b["peak_rss_bytes"] / 1e6 for _, b in samples]),
-            }
-            if any("peak_gpu_bytes" in b for _, b in samples):
-                figs["peak_gpu_mb"] = stats([b["peak_gpu_bytes"] / 1e6 for _, b in samples if "peak_gpu_bytes" in b])
-            wb = weight_bytes[v.precision]
-            fl = floor_ms(wb, bandwidth)
-            rows.append({
-                "engine": v.engine, "precision": v.precision, "dtype": v.dtype, "compute_type": v.compute_type,
-                "info": mine[0]["result"]["info"], "batch": B, "prompt_tokens": samples[0][1]["prompt_tokens"],
-                "new_tokens": samples[0][1]["new_tokens"], "figures": figs,
-                "weight_bytes_per_step": wb, "weight_bytes_per_token": wb / B, "floor_ms": fl,
-                "percent_of_floor": percent_of_floor(figs["decode_ms"]["median"], fl),
-                "runs": len(samples), "loaded_runs": sum(r["loaded"] for r, _ in samples),
-                "tokens": samples[0][1]["tokens"],
-            })
-    add_ratios(rows)
-    return rows
-
-
-def add_ratios(rows: list[dict]):
-    """ratios[figure] = median / best peer's median at the same precision and batch (None without a peer);
-    ratios["decode_ms_any"] = decode median / the fastest peer's at any precision."""
-    for row in rows:
-        ratios = {}
-        for fig, (_, _, lower) in FIGURES.items():
-            peers = [p["figures"][fig]["median"] for p in rows if p["engine"] != "minibloom"
-                     and p["batch"] == row["batch"] and p["precision"] == row["precision"]]
-            best = (min if lower else max)(peers) if peers else None
-            ratios[fig] = row["figures"][fig]["median"] / best if best else None
-        any_peer = [p["figures"]["decode_ms"]["median"] for p in rows
-                    if p["engine"] != "minibloom" and p["batch"] == row["batch"]]
-        ratios["decode_ms_any"] = row["figures"]["decode_ms"]["median"] / min(any_peer) if any_peer else None
-        row["ratios"] = ratios
-
-
-def machine_info(device_name: str | None) -> dict:
-    info = {"python": platform.python_version(), "os": platform.platform(terse=True),
-            "logical_cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        info["l3_bytes"] = _cache_size("/sys/devices/system/cpu/cpu0/cache/index3/size")
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["ram_bytes"] = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-    for pkg in ("torch", "transformers", "ctranslate2"):
-        try:
-            info[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    parts = [info["cpu"], f"{info['logical_cpus']} logical CPUs"]
-    if info.get("l3_bytes"):
-        parts.append(f"L3 {info['l3_bytes'] / 2**20:.0f} MiB")
-    if info.get("ram_bytes"):
-        parts.append(f"{info['ram_bytes'] / 2**30:.0f} GiB RAM")
-    if device_name:
-        parts.insert(0, device_name)
-    versions = ", ".join(f"{p} {info[p]}" for p in ("torch", "transformers", "ctranslate2") if p in info)
-    info["summary"] = f"{'; '.join(parts)}; Python {info['python']}, {versions}"
-    return info
-
-
-def _cache_size(path: str) -> int | None:
-    try:
-        text = Path(path).read_text().strip()
-    except OSError:
-        return None
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
 # -- the command -------------------------------------------------------------------------------------------------------

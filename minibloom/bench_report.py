@@ -1,4 +1,8 @@
-"""The report of a `minibloom bench` run: the Markdown tables and the decode chart (see bench.py for the method)."""
+"""The report of a `minibloom bench` run: its statistics, the Markdown tables and the decode chart (see bench.py for
+the method)."""
+import statistics
+
+from .bench_machine import floor_ms, percent_of_floor
 
 # figure -> (column title, digits, True when lower is better)
 FIGURES = {
@@ -9,6 +13,67 @@ FIGURES = {
     "peak_rss_mb": ("peak RSS MB", 0, True),
 }
 
+
+# -- statistics ------------------------------------------------------------------------------------------------------
+
+def stats(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+def summarize(runs: list[dict], variants: list, batches: list[int], weight_bytes: dict,
+              bandwidth: float) -> list[dict]:
+    """One row per (variant, batch): every figure's min/median/max over the counted runs, the floor, the ratios."""
+    rows = []
+    for v in variants:
+        mine = [r for r in runs if r["variant"] == v.name and "result" in r]
+        for i, B in enumerate(batches):
+            samples = [(r, r["result"]["batches"][i]) for r in mine]
+            if not samples:
+                continue
+            figs = {
+                "load_s": stats([r["result"]["load_s"] for r, _ in samples]),
+                "ttft_ms": stats([b["ttft_s"] * 1e3 for _, b in samples]),
+                "prefill_tok_s": stats([b["prefill_tok_s"] for _, b in samples]),
+                "decode_ms": stats([b["decode_s"] * 1e3 for _, b in samples]),
+                "peak_rss_mb": stats([b["peak_rss_bytes"] / 1e6 for _, b in samples]),
+            }
+            if any("peak_gpu_bytes" in b for _, b in samples):
+                figs["peak_gpu_mb"] = stats([b["peak_gpu_bytes"] / 1e6 for _, b in samples if "peak_gpu_bytes" in b])
+            wb = weight_bytes[v.precision]
+            fl = floor_ms(wb, bandwidth)
+            rows.append({
+                "engine": v.engine, "precision": v.precision, "dtype": v.dtype, "compute_type": v.compute_type,
+                "info": mine[0]["result"]["info"], "batch": B, "prompt_tokens": samples[0][1]["prompt_tokens"],
+                "new_tokens": samples[0][1]["new_tokens"], "figures": figs,
+                "weight_bytes_per_step": wb, "weight_bytes_per_token": wb / B, "floor_ms": fl,
+                "percent_of_floor": percent_of_floor(figs["decode_ms"]["median"], fl),
+                "runs": len(samples), "loaded_runs": sum(r["loaded"] for r, _ in samples),
+                "tokens": samples[0][1]["tokens"],
+            })
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: list[dict]):
+    """ratios[figure] = median / best peer's median at the same precision and batch (None without a peer);
+    ratios["decode_ms_any"] = decode median / the fastest peer's at any precision."""
+    for row in rows:
+        ratios = {}
+        for fig, (_, _, lower) in FIGURES.items():
+            peers = [p["figures"][fig]["median"] for p in rows if p["engine"] != "minibloom"
+                     and p["batch"] == row["batch"] and p["precision"] == row["precision"]]
+            best = (min if lower else max)(peers) if peers else None
+            ratios[fig] = row["figures"][fig]["median"] / best if best else None
+        any_peer = [p["figures"]["decode_ms"]["median"] for p in rows
+                    if p["engine"] != "minibloom" and p["batch"] == row["batch"]]
+        ratios["decode_ms_any"] = row["figures"]["decode_ms"]["median"] / min(any_peer) if any_peer else None
+        row["ratios"] = ratios
+
+
+
+# -- tables and chart -------------------------------------------------------------------------------------------------
 
 def _cell(s: dict | None, digits: int) -> str:
     if s is None:

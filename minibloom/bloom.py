@@ -8,7 +8,6 @@ Module and parameter names are the Hub's (h.{i}.self_attention.query_key_value.w
 identity map plus an optional "transformer." prefix. Shapes: B batch, T new tokens, S keys (cached + new),
 H heads, D head dim, C hidden size.
 """
-import math
 from dataclasses import dataclass
 
 import torch

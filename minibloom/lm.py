@@ -3,7 +3,6 @@ import contextlib
 import importlib
 import math
 import os
-import sys
 import time
 from pathlib import Path
 

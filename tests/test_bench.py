@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import minibloom
-from minibloom import bench, cli
+from minibloom import bench, bench_machine, bench_report, cli
 from minibloom.bench_peers import read_bandwidth
 from minibloom.checkpoints import TINY_BLOOM, bloom_checkpoint
 
@@ -23,7 +23,7 @@ def installed_engines():
 
 
 def test_tiny_run_of_every_installed_engine(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "QUIET_WINDOW_S", 0.1)
+    monkeypatch.setattr(bench_machine, "QUIET_WINDOW_S", 0.1)
     path, png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert cli.main(["bench", *TINY, "--json", str(path), "--plot", str(png)]) == 0
     report = json.loads(path.read_text())
@@ -31,7 +31,7 @@ def test_tiny_run_of_every_installed_engine(tmp_path, capsys, monkeypatch):
     assert {r["engine"] for r in report["summary"]} == installed_engines()
     assert {r["batch"] for r in report["summary"]} == {1, 2}
     for row in report["summary"]:
-        for name in bench.FIGURES:
+        for name in bench_report.FIGURES:
             s = row["figures"][name]
             assert 0 < s["min"] <= s["median"] <= s["max"] and s["n"] == 1, (row["engine"], name)
             assert name in row["ratios"]
@@ -72,7 +72,7 @@ def fake_spawn(folder, ct2_error=None):
 
 
 def test_missing_peer_is_reported_not_fatal(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "QUIET_WINDOW_S", 0.01)
+    monkeypatch.setattr(bench_machine, "QUIET_WINDOW_S", 0.01)
     monkeypatch.setattr(bench, "spawn", fake_spawn(bloom_checkpoint(TINY_BLOOM)))
     real = bench.engine_available
     monkeypatch.setattr(bench, "engine_available", lambda name: (False, f"{name} is not installed (pip install "
@@ -87,7 +87,7 @@ def test_missing_peer_is_reported_not_fatal(tmp_path, capsys, monkeypatch):
 
 
 def test_peer_that_cannot_convert_is_reported_not_fatal(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "QUIET_WINDOW_S", 0.01)
+    monkeypatch.setattr(bench_machine, "QUIET_WINDOW_S", 0.01)
     monkeypatch.setattr(bench, "spawn", fake_spawn(bloom_checkpoint(TINY_BLOOM), ct2_error="ValueError: no loader"))
     real = bench.engine_available  # ctranslate2 counts as installed (it is not in the test extra): spawn is faked
     monkeypatch.setattr(bench, "engine_available", lambda name: (True, "") if name == "ctranslate2" else real(name))
@@ -98,7 +98,7 @@ def test_peer_that_cannot_convert_is_reported_not_fatal(tmp_path, capsys, monkey
 
 
 def test_saved_report_is_rendered_again(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "QUIET_WINDOW_S", 0.01)
+    monkeypatch.setattr(bench_machine, "QUIET_WINDOW_S", 0.01)
     monkeypatch.setattr(bench, "spawn", fake_spawn(bloom_checkpoint(TINY_BLOOM)))
     path = tmp_path / "bench.json"
     assert cli.main(["bench", *TINY, "--peers", "none", "--json", str(path)]) == 0
@@ -131,14 +131,14 @@ def test_decode_weight_bytes_bloom_tied_head():
     shapes = {"word_embeddings.weight": [10, 4], "h.0.mlp.dense_h_to_4h.weight": [16, 4],
               "h.0.mlp.dense_h_to_4h.bias": [16], "ln_f.weight": [4]}
     n = 40 + 64 + 16 + 4
-    assert bench.decode_weight_bytes(shapes, "bloom", "float32") == 4 * n
-    assert bench.decode_weight_bytes(shapes, "bloom", "bfloat16") == 2 * n
+    assert bench_machine.decode_weight_bytes(shapes, "bloom", "float32") == 4 * n
+    assert bench_machine.decode_weight_bytes(shapes, "bloom", "bfloat16") == 2 * n
     # int8: one byte per matrix weight and one fp32 scale per row; vectors stay in the activation dtype
-    assert bench.decode_weight_bytes(shapes, "bloom", "int8", "float32") == (40 + 4 * 10) + (64 + 4 * 16) + 4 * 20
-    assert bench.decode_weight_bytes(shapes, "bloom", "int8", "bfloat16") == (40 + 4 * 10) + (64 + 4 * 16) + 2 * 20
+    assert bench_machine.decode_weight_bytes(shapes, "bloom", "int8", "float32") == (40 + 4 * 10) + (64 + 4 * 16) + 4 * 20
+    assert bench_machine.decode_weight_bytes(shapes, "bloom", "int8", "bfloat16") == (40 + 4 * 10) + (64 + 4 * 16) + 2 * 20
     # an untied head is read instead of the embedding (looked up by rows only)
     untied = dict(shapes, **{"lm_head.weight": [10, 4]})
-    assert bench.decode_tensors(untied, "bloom").count("word_embeddings.weight") == 0
+    assert bench_machine.decode_tensors(untied, "bloom").count("word_embeddings.weight") == 0
 
 
 def test_decode_weight_bytes_t5_reads_decoder_and_head_only():
@@ -148,26 +148,26 @@ def test_decode_weight_bytes_t5_reads_decoder_and_head_only():
               "decoder.block.0.layer.1.EncDecAttention.k.weight": [8, 8],
               "decoder.block.0.layer.1.EncDecAttention.v.weight": [8, 8],
               "decoder.final_layer_norm.weight": [8], "lm_head.weight": [100, 8]}
-    assert sorted(bench.decode_tensors(shapes, "mt5")) == sorted([
+    assert sorted(bench_machine.decode_tensors(shapes, "mt5")) == sorted([
         "decoder.block.0.layer.0.SelfAttention.q.weight", "decoder.block.0.layer.1.EncDecAttention.q.weight",
         "decoder.final_layer_norm.weight", "lm_head.weight"])
-    assert bench.decode_weight_bytes(shapes, "mt5", "float32") == 4 * (64 + 64 + 8 + 800)
+    assert bench_machine.decode_weight_bytes(shapes, "mt5", "float32") == 4 * (64 + 64 + 8 + 800)
     tied = {k: v for k, v in shapes.items() if k != "lm_head.weight"}
-    assert "shared.weight" in bench.decode_tensors(tied, "t5")
+    assert "shared.weight" in bench_machine.decode_tensors(tied, "t5")
 
 
 def test_decode_weight_bytes_match_the_loaded_model():
     folder = bloom_checkpoint(TINY_BLOOM)
     lm = minibloom.load(folder, dtype="float32", backend="reference")
     params = {p.data_ptr(): p.numel() * p.element_size() for p in lm.model.parameters()}  # the tied head once
-    shapes = bench.checkpoint_shapes(folder)
-    assert bench.decode_weight_bytes(shapes, "bloom", "float32") == sum(params.values())
+    shapes = bench_machine.checkpoint_shapes(folder)
+    assert bench_machine.decode_weight_bytes(shapes, "bloom", "float32") == sum(params.values())
 
 
 def test_floor_arithmetic():
-    assert bench.floor_ms(1_000_000_000, 40.0) == pytest.approx(25.0)
-    assert bench.percent_of_floor(50.0, 25.0) == pytest.approx(200.0)
-    assert bench.percent_of_floor(25.0, 25.0) == pytest.approx(100.0)
+    assert bench_machine.floor_ms(1_000_000_000, 40.0) == pytest.approx(25.0)
+    assert bench_machine.percent_of_floor(50.0, 25.0) == pytest.approx(200.0)
+    assert bench_machine.percent_of_floor(25.0, 25.0) == pytest.approx(100.0)
 
 
 def test_read_bandwidth_probe():
@@ -179,13 +179,13 @@ def test_read_bandwidth_probe():
 
 
 def test_busy_share_from_proc_stat():
-    a = bench.cpu_jiffies("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n")
-    b = bench.cpu_jiffies("cpu  160 0 70 1000 70 0 0 0 0 0\n")
+    a = bench_machine.cpu_jiffies("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n")
+    b = bench_machine.cpu_jiffies("cpu  160 0 70 1000 70 0 0 0 0 0\n")
     assert a == (150, 1000) and b == (230, 1300)
-    assert bench.busy_share(a, b) == pytest.approx(80 / 300)
+    assert bench_machine.busy_share(a, b) == pytest.approx(80 / 300)
     # the worker's own CPU time is not "foreign"
-    own = 40 / bench.os.sysconf("SC_CLK_TCK")
-    assert bench.busy_share(a, b, own_cpu_s=own) == pytest.approx(40 / 300)
+    own = 40 / bench_machine.os.sysconf("SC_CLK_TCK")
+    assert bench_machine.busy_share(a, b, own_cpu_s=own) == pytest.approx(40 / 300)
 
 
 def test_plan_reports_what_cannot_be_measured():
@@ -210,7 +210,7 @@ def test_ratios_to_the_best_peer():
             "peak_rss_mb": s(500.0)}}
     rows = [row("minibloom", "float32", 30.0, 200.0), row("transformers", "float32", 60.0, 50.0),
             row("ctranslate2", "float32", 40.0, 100.0), row("ctranslate2", "int8", 20.0)]
-    bench.add_ratios(rows)
+    bench_report.add_ratios(rows)
     assert rows[0]["ratios"]["decode_ms"] == pytest.approx(30 / 40)       # best peer: the faster one
     assert rows[0]["ratios"]["prefill_tok_s"] == pytest.approx(200 / 100)  # best peer: the higher throughput
     assert rows[0]["ratios"]["decode_ms_any"] == pytest.approx(30 / 20)   # fastest peer at any precision
@@ -239,7 +239,7 @@ def test_bench_kv_refuses_an_encoder_decoder(capsys):
 def test_int8_from_a_converted_folder_gives_the_same_tokens(tmp_path, monkeypatch):
     """--int8-from converted: minibloom's int8 runs load a `minibloom convert` folder (as CTranslate2 loads its
     converted model) and generate what quantizing on load generates."""
-    monkeypatch.setattr(bench, "QUIET_WINDOW_S", 0.1)
+    monkeypatch.setattr(bench_machine, "QUIET_WINDOW_S", 0.1)
     tokens = {}
     for source in ("hub", "converted"):
         path = tmp_path / f"{source}.json"
