@@ -77,7 +77,7 @@ class BloomAttention(nn.Module):
         B, T, C = x.shape
         # The fused projection is interleaved per head: [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], not [Q | K | V].
         qkv = self.query_key_value(x).view(B, T, self.H, 3, self.D)
-        q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))           # (B, H, T, D) each
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)                         # (B, H, T, D) each
         if cache is not None:
             k, v = cache.update(start, k, v)                                   # (B, H, S, D), S = start + T
         y = self.backend.alibi_attention(q, k, v, key_pos, slopes, q_offset=start)  # (B, H, T, D)

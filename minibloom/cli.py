@@ -3,6 +3,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,20 @@ def positive_int(text):
     return v
 
 
+def stop_string(text):
+    """--stop "\\n" means a newline: the shell passes backslash escapes through double quotes as they are."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return re.sub(r"\\(n|t|\\)", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def early_stopping(text):
+    value = {"true": True, "false": False, "never": "never"}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"must be true, false or never, got {text!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="minibloom",
@@ -78,7 +93,16 @@ def parser() -> argparse.ArgumentParser:
                    help="no n-gram of this size occurs twice in a sequence, prompt included (0 = off)")
     g.add_argument("--min-new-tokens", type=int, default=0, help="no end-of-sequence before this many new tokens")
     g.add_argument("--num-beams", type=positive_int, default=1, help="beam search width (1 = off; no streaming)")
-    g.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable)")
+    g.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beams: a finished beam's score is its log-probability / length**this (default 1.0)")
+    g.add_argument("--early-stopping", type=early_stopping, default=False, metavar="{true,false,never}",
+                   help="beams: when to stop, as transformers' early_stopping (default false)")
+    g.add_argument("--num-return-sequences", type=positive_int, default=1,
+                   help="beams: return the best N beams (<= --num-beams); printed one after another under a "
+                        "'--- k ---' line, or a \"completions\" list with --prompts")
+    g.add_argument("--stop", action="append", default=[], type=stop_string,
+                   help="stop when this string appears (repeatable); \\n, \\t and \\\\ stand for a newline, a tab "
+                        "and a backslash")
     g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     for name, (module, help_text) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -147,17 +171,19 @@ def generate_file(args, options) -> int:
     lengths = [len(lm.tokenizer.encode(r["prompt"])) for r in records]
     order = sorted(range(len(records)), key=lambda i: lengths[i])
     completions = [None] * len(records)
+    n_seq = options["num_return_sequences"]
     t0, tokens = time.perf_counter(), 0
     for start in range(0, len(order), args.batch_size):
         batch = order[start:start + args.batch_size]
-        texts = lm.generate([records[i]["prompt"] for i in batch], **options)
-        for i, text in zip(batch, texts):
-            completions[i] = text
-            tokens += len(lm.tokenizer.encode(text))
+        texts = lm.generate([records[i]["prompt"] for i in batch], **options)  # n_seq per prompt, best first
+        for j, i in enumerate(batch):
+            completions[i] = texts[j * n_seq:(j + 1) * n_seq]
+            tokens += sum(len(lm.tokenizer.encode(text)) for text in completions[i])
         print(f"[minibloom] {min(start + args.batch_size, len(order))}/{len(order)} prompts, "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    for rec, text in zip(records, completions):
-        sys.stdout.write(json.dumps({**rec, "completion": text}, ensure_ascii=False) + "\n")
+    for rec, texts in zip(records, completions):
+        extra = {"completions": texts} if n_seq > 1 else {}
+        sys.stdout.write(json.dumps({**rec, "completion": texts[0], **extra}, ensure_ascii=False) + "\n")
     dt = time.perf_counter() - t0
     print(f"[minibloom] {len(records)} prompts in {dt:.2f} s, {tokens / dt:.1f} tokens/s", file=sys.stderr)
     return 0
@@ -167,7 +193,8 @@ def generate(args) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                    no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
-                   stop=args.stop, seed=args.seed, num_beams=args.num_beams)
+                   stop=args.stop, seed=args.seed, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                   early_stopping=args.early_stopping, num_return_sequences=args.num_return_sequences)
     if args.prompts is not None:
         if args.prompt is not None:
             raise MinibloomError("pass a prompt or --prompts FILE, not both")
@@ -186,9 +213,12 @@ def generate(args) -> int:
     t0 = time.perf_counter()
     n = 0
     if args.num_beams > 1:
-        text = lm.generate(prompt, **options)
-        n = len(lm.tokenizer.encode(text))
-        sys.stdout.write(text)
+        texts = lm.generate([prompt], **options)                                  # best first
+        n = sum(len(lm.tokenizer.encode(text)) for text in texts)
+        if len(texts) == 1:
+            sys.stdout.write(texts[0])
+        else:
+            sys.stdout.write("\n".join(f"--- {k} ---\n{text}" for k, text in enumerate(texts, 1)))
     else:
         for piece in lm.stream(prompt, **options):
             sys.stdout.write(piece)

@@ -23,7 +23,8 @@ def test_help_explains_everything():
     out = run("generate", "--help")
     for flag in ("--model", "--dtype", "--max-new-tokens", "--do-sample", "--temperature", "--top-k", "--top-p",
                  "--repetition-penalty", "--no-repeat-ngram-size", "--min-new-tokens", "--seed", "--stop", "--backend",
-                 "--quantize", "--compile"):
+                 "--quantize", "--compile", "--num-beams", "--length-penalty", "--early-stopping",
+                 "--num-return-sequences"):
         assert flag in out.stdout
 
 
@@ -51,6 +52,39 @@ def test_generation_flags_reach_generate(folder):
     expected = minibloom.load(folder).generate(prompt, max_new_tokens=12, no_repeat_ngram_size=1, min_new_tokens=4)
     assert out.stdout == expected + "\n"
     assert expected != minibloom.load(folder).generate(prompt, max_new_tokens=12)
+
+
+def test_beam_flags_reach_generate(folder, tmp_path):
+    """--length-penalty, --early-stopping and --num-return-sequences print what lm.generate returns with the same
+    options: the N best beams under '--- k ---' lines, or a "completions" list per --prompts record."""
+    import minibloom
+    prompt = "Translate to English: Je t'aime."
+    options = dict(max_new_tokens=6, num_beams=3, length_penalty=0.5, early_stopping="never", num_return_sequences=2)
+    flags = ("--max-new-tokens", "6", "--num-beams", "3", "--length-penalty", "0.5", "--early-stopping", "never",
+             "--num-return-sequences", "2", "--backend", "reference")
+    expected = minibloom.load(folder, backend="reference").generate([prompt], **options)
+    assert len(expected) == 2
+    out = run("generate", "--model", folder, *flags, prompt)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"--- 1 ---\n{expected[0]}\n--- 2 ---\n{expected[1]}\n"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(prompt + "\n")
+    record = json.loads(run("generate", "--model", folder, "--prompts", str(prompts), *flags).stdout)
+    assert record["completions"] == expected and record["completion"] == expected[0]
+    bad = run("generate", "--model", folder, "--num-beams", "2", "--num-return-sequences", "3", prompt)
+    assert bad.returncode == 2 and "num_return_sequences" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run("generate", "--model", folder, "--early-stopping", "maybe", prompt)
+    assert bad.returncode == 2 and "true, false or never" in bad.stderr
+
+
+def test_stop_flag_reads_backslash_escapes():
+    """`--stop "\\n"` reaches the shell's argv as a backslash and an n: it means a newline, as users type it."""
+    from minibloom import cli
+    args = cli.parser().parse_args(["generate", "--stop", "\\n", "--stop", "a\\tb", "--stop", "\\\\n", "--stop",
+                                    "Answer:", "x"])
+    assert args.stop == ["\n", "a\tb", "\\n", "Answer:"]
+    out = run("generate", "--stop", "", "hi")
+    assert out.returncode == 2 and "must not be empty" in out.stderr
 
 
 def test_prompt_from_stdin_and_seeded_sampling(folder):
