@@ -13,7 +13,7 @@ Scores below -1e9 mark "not allowed" exactly as transformers does, so ties resol
 """
 import torch
 
-from .generate import GenerationOptions, left_padding, process_scores
+from .generate import GenerationOptions, check_logits, left_padding, process_scores
 
 NEG = -1.0e9
 
@@ -35,6 +35,7 @@ def beam_search(model, input_ids, attention_mask, opts: GenerationOptions, eos_i
     else:                          # repeat the prompt per beam before the prefill
         logits, state = model.start(input_ids.repeat_interleave(nb, 0), attention_mask.repeat_interleave(nb, 0),
                                     opts.max_new_tokens)
+    check_logits(logits)
     P = state.history.shape[1]     # the decoder prompt: the prompt itself, or the decoder start token
     skip = left_padding(model, attention_mask)
     skip = None if skip is None else skip.repeat_interleave(nb, 0)                  # (B * nb,)

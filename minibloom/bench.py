@@ -287,7 +287,11 @@ def run_rounds(report: dict, variants: list[Variant], args, device: str, folder:
 
 
 def run(args) -> int:
+    from .cli import prepare_output
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        if path:
+            prepare_output(path, flag)
     if args.report:
         try:
             return show(finish(json.loads(Path(args.report).read_text())), args.plot, log)

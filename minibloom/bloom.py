@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .errors import MinibloomError
+from .loader import config_fields
 
 
 @dataclass
@@ -34,14 +35,11 @@ class BloomConfig:
     def from_dict(cls, d: dict) -> "BloomConfig":
         aliases = {"n_embed": "hidden_size", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
         d = {aliases.get(k, k): v for k, v in d.items()}
-        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d and d[k] is not None}
-        for k, v in fields.items():
-            want = type(getattr(cls, k))
-            if want is int and isinstance(v, float) and v.is_integer():
-                fields[k] = int(v)  # e.g. "vocab_size": 250880.0 written by some tools
-            elif want in (int, float) and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise MinibloomError(f"config.json: {k} must be a number, got {v!r}")
-        cfg = cls(**fields)
+        if d.get("n_head") is None:  # the weights' shapes do not tell the head count; transformers would assume 8
+            raise MinibloomError("config.json has no n_head (num_attention_heads): add the model's head count, "
+                                 "or re-download config.json")
+        cfg = cls(**config_fields(cls, d, sizes=("vocab_size", "hidden_size", "n_layer", "n_head"),
+                                  token_ids=("bos_token_id", "eos_token_id", "pad_token_id")))
         if cfg.hidden_size % cfg.n_head:
             raise MinibloomError(f"config.json: hidden_size {cfg.hidden_size} is not divisible by n_head {cfg.n_head}")
         if d.get("pretraining_tp", 1) > 1 and d.get("slow_but_exact"):

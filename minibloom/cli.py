@@ -41,6 +41,23 @@ def add_model_arguments(p: argparse.ArgumentParser, default_model=DEFAULT_MODEL)
                         "(20-70 s on a 2-core CPU, cached on disk); pays off for long generations")
 
 
+def prepare_output(path, flag: str, folder: bool = False) -> None:
+    """Before any work: refuse an output path that cannot be written (a folder where a file goes or the reverse, a
+    file among its parents, no write permission), and create the folders it lives in."""
+    p = Path(path).expanduser()
+    if folder and p.exists() and not p.is_dir():
+        raise MinibloomError(f"{flag} {path} is a file: pass a folder")
+    if not folder and p.is_dir():
+        raise MinibloomError(f"{flag} {path} is a folder: pass a file name")
+    parent = p if folder else p.parent
+    existing = next(q for q in [parent, *parent.parents] if q.exists())
+    if not existing.is_dir():
+        raise MinibloomError(f"{flag} {path}: {existing} is a file, not a folder: pass another path")
+    if not os.access(existing, os.W_OK):
+        raise MinibloomError(f"{flag} {path}: no permission to write in {existing}: pass another path")
+    parent.mkdir(parents=True, exist_ok=True)
+
+
 def positive_int(text):
     v = int(text)
     if v < 1:
@@ -77,9 +94,9 @@ def parser() -> argparse.ArgumentParser:
                                    "and speed go to stderr.")
     g.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
     g.add_argument("--prompts", metavar="FILE", default=None,
-                   help="generate for every prompt of FILE, in batches: one prompt per line, or JSON lines (.jsonl) "
-                        "with a \"prompt\" field; writes one JSON line per prompt, its fields plus \"completion\", in "
-                        "the file's order")
+                   help="generate for every prompt of FILE, in batches: one prompt per line, or JSON lines "
+                        "(.jsonl, .json) with a \"prompt\" field; writes one JSON line per prompt, its fields plus "
+                        "\"completion\", in the file's order")
     g.add_argument("--batch-size", type=positive_int, default=8,
                    help="prompts per batch with --prompts (default 8); prompts of similar length are batched together")
     add_model_arguments(g)
@@ -140,24 +157,43 @@ def load_and_report(args):
 
 
 def read_prompt_file(path: str) -> list[dict]:
-    """Records with a "prompt": one per non-empty line of a text file, or one per line of a .jsonl file (an object
-    with a "prompt" string, kept whole so ids or labels come back with the completion, or a bare JSON string)."""
+    """Records with a "prompt": one per non-empty line of a text file, or one per line of a .jsonl or .json file (an
+    object with a "prompt" string, kept whole so ids or labels come back with the completion, or a bare JSON string;
+    a .json file may also be one JSON array of them)."""
     p = Path(path)
     if not p.is_file():
         raise MinibloomError(f"--prompts {path}: no such file (one prompt per line, or JSON lines with \"prompt\")")
-    lines = [(i, line) for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
-    if p.suffix != ".jsonl":
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise MinibloomError(f"{path} line {line} is not UTF-8 text (byte {data[e.start]:#04x}): convert the file to "
+                             f"UTF-8 (e.g. iconv -t UTF-8)") from None
+    # Lines end at \n only: str.splitlines would also split at form feeds, U+2028 and other separators.
+    lines = [(i, line.removesuffix("\r")) for i, line in enumerate(text.split("\n"), 1) if line.strip()]
+    whole = None
+    if p.suffix == ".json":  # a JSON array of prompts, or JSON lines
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    if p.suffix not in (".jsonl", ".json"):
         records = [{"prompt": line} for _, line in lines]
     else:
         records = []
-        for i, line in lines:
+        items = enumerate(whole, 1) if isinstance(whole, list) else lines
+        for i, line in items:
+            where = f"{path} item {i}" if isinstance(whole, list) else f"{path} line {i}"
             try:
-                rec = json.loads(line)
+                rec = line if isinstance(whole, list) else json.loads(line)
             except json.JSONDecodeError as e:
-                raise MinibloomError(f"{path} line {i} is not JSON ({e}): write one JSON object per line") from e
+                raise MinibloomError(f"{where} is not JSON ({e}): write one JSON object per line") from e
             rec = {"prompt": rec} if isinstance(rec, str) else rec
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise MinibloomError(f"{path} line {i} has no \"prompt\" string: write {{\"prompt\": \"...\"}}")
+                raise MinibloomError(f"{where} has no \"prompt\" string: write {{\"prompt\": \"...\"}}")
+            if not rec["prompt"].strip():
+                raise MinibloomError(f"{where} has an empty \"prompt\": give the model some text to continue")
             records.append(rec)
     if not records:
         raise MinibloomError(f"--prompts {path} has no prompts")
@@ -203,7 +239,13 @@ def generate(args) -> int:
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
             raise MinibloomError("no prompt: pass it as an argument or pipe it on stdin")
-        prompt = sys.stdin.read()
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        try:
+            prompt = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MinibloomError(f"stdin is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}): convert "
+                                 f"it to UTF-8 (e.g. iconv -t UTF-8)") from None
+        prompt = prompt.removesuffix("\n").removesuffix("\r")  # `echo "..." |` adds a newline the text lacks
     if not prompt.strip():
         raise MinibloomError("empty prompt: give the model some text to continue")
     lm = load_and_report(args)

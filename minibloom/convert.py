@@ -139,13 +139,19 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run(args) -> int:
+    from .cli import prepare_output
     from .lm import load
     t0 = time.perf_counter()
+    prepare_output(args.out, "--out", folder=True)
     lm = load(args.model, dtype=None if args.dtype == "auto" else args.dtype, quantize=args.quantize,
               int8_threshold=args.int8_threshold)
+    if lm.quantize and not args.quantize:
+        raise MinibloomError(f"{args.model} holds int8 weights (a folder saved by minibloom convert), so it cannot be "
+                             f"written as a float checkpoint: convert the float source instead, or pass --quantize "
+                             f"{lm.quantize} to save it as int8 again")
     files = save(lm, args.out, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
     size = sum((Path(args.out) / f).stat().st_size for f in files)
-    kind = args.quantize or dtype_name(lm.dtype)
+    kind = lm.quantize or dtype_name(lm.dtype)
     print(f"[minibloom] wrote {args.out} ({kind}): {len(files)} files, {size / 1e6:,.0f} MB, in "
           f"{time.perf_counter() - t0:.1f} s. Load it with: minibloom generate --model {args.out}", file=sys.stderr)
     return 0

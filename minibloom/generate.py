@@ -8,6 +8,7 @@ and `state.history` (B, n): the ids generated so far (the prompt for a decoder-o
 token for an encoder-decoder), which the score processors look at, as transformers' do. Beam search lives in
 beam.py; it uses the same processors.
 """
+import math
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -48,16 +49,25 @@ class GenerationOptions:
     def validate(self):
         def bad(name, value, want):
             raise MinibloomError(f"invalid {name}={value!r}: {want}")
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                bad(name, value, "must be a finite number")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             bad("max_new_tokens", self.max_new_tokens, "must be an integer >= 1")
-        if not self.temperature > 0:
-            bad("temperature", self.temperature, "must be > 0 (use do_sample=False for greedy decoding)")
+        if not self.temperature >= 1e-6:  # below, logits / temperature overflow fp32: that is greedy decoding
+            bad("temperature", self.temperature, "must be >= 1e-6 (use do_sample=False for greedy decoding)")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             bad("top_k", self.top_k, "must be an integer >= 0 (0 turns it off)")
         if not 0 < self.top_p <= 1:
             bad("top_p", self.top_p, "must be in (0, 1]")
         if not self.repetition_penalty > 0:
             bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1.0 turns it off)")
+        if not -50 <= self.length_penalty <= 50:  # length ** length_penalty must stay a finite float
+            bad("length_penalty", self.length_penalty, "must be in [-50, 50] (1.0: average log-probability)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -2**63 <= self.seed < 2**64):
+            bad("seed", self.seed, "must be an integer in [-2**63, 2**64)")
         if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
             bad("no_repeat_ngram_size", self.no_repeat_ngram_size, "must be an integer >= 0 (0 turns it off)")
         if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -71,8 +81,8 @@ class GenerationOptions:
             bad("do_sample", True, "beam sampling is not supported: use num_beams=1 with do_sample, or greedy beams")
         if self.early_stopping not in (True, False, "never"):
             bad("early_stopping", self.early_stopping, "must be True, False or 'never'")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            bad("stop", self.stop, "must be non-empty strings")
+        if not isinstance(self.stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", self.stop, "must be a non-empty string or a list of them")
 
 
 def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: float,
@@ -117,6 +127,13 @@ def process_scores(scores: torch.Tensor, history: torch.Tensor, skip, new_tokens
     return scores
 
 
+def check_logits(logits: torch.Tensor):
+    """The prompt's logits (B, V), once per generation: NaN there would otherwise decode as token 0 or garbage."""
+    if torch.isnan(logits).any():
+        raise MinibloomError("the model's logits for the prompt are NaN: the checkpoint holds NaN or inf weights, or "
+                             "float16 overflowed; check the checkpoint, or load with dtype='bfloat16' or 'float32'")
+
+
 def left_padding(model, attention_mask: torch.Tensor) -> torch.Tensor | None:
     """(B,) leading padding positions of a decoder-only prompt, which the repetition penalty leaves out."""
     return None if model.is_encoder_decoder else (attention_mask != 0).int().argmax(1)
@@ -149,6 +166,7 @@ def decode_tokens(model, input_ids, attention_mask, opts: GenerationOptions, eos
         generator = torch.Generator(device=input_ids.device)
         generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
     logits, state = model.start(input_ids, attention_mask, opts.max_new_tokens)
+    check_logits(logits)
     B, P = input_ids.shape[0], state.history.shape[1]
     history, skip = state.history, left_padding(model, attention_mask)          # (B, P), (B,) or None
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
@@ -160,7 +178,11 @@ def decode_tokens(model, input_ids, attention_mask, opts: GenerationOptions, eos
                                     eos_id)
             if opts.do_sample:
                 probs = sample_filter(scores, opts).softmax(dim=-1)
-                picked = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                try:
+                    picked = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                except RuntimeError as e:
+                    raise MinibloomError(f"sampling failed ({e}): the probabilities are not finite; a higher "
+                                         f"temperature, or greedy decoding, avoids it") from e
             else:
                 picked = model.backend.argmax(scores)
             tokens = picked if len(rows) == B else picked.new_full((B,), pad_id).index_copy(0, rows, picked)

@@ -321,11 +321,12 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from .cli import load_from_args
+    from .cli import load_from_args, prepare_output
 
     if args.model is None:
         raise MinibloomError("minibloom inspect needs --model: a checkpoint folder, a Hub repo id or a family name")
     if args.plot:
+        prepare_output(args.plot, "--plot", folder=True)
         pyplot()
     lm = load_from_args(args)
     print(report(lm))

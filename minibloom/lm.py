@@ -75,6 +75,9 @@ def load(model: str | os.PathLike, *, dtype=None, device="cpu", backend: str = "
     elif quantize is not None:
         quantizer = Quantizer(quantize, 6.0 if int8_threshold is None else int8_threshold, dev,
                               kernel=be.name == "fused" and dev.type == "cpu")
+    elif int8_threshold is not None:
+        raise MinibloomError("int8_threshold (--int8-threshold) applies to int8 models only: pass quantize='int8' "
+                             "(--quantize int8) too, or leave it out")
     names = arch.checkpoint_names(net, ckpt)
     check_weight_memory(net, ckpt, names, dtype, dev, quantizer, folder)
     with quantizer.loading() if quantizer else contextlib.nullcontext():
@@ -155,6 +158,9 @@ class LM:
     def generate(self, prompt_or_prompts, **options):
         """The completion (str) of a prompt, or a list of completions for a list of prompts."""
         single = isinstance(prompt_or_prompts, str)
+        if not single and not isinstance(prompt_or_prompts, (list, tuple)):
+            raise MinibloomError(f"generate takes a prompt (str) or a list of prompts, got "
+                                 f"{type(prompt_or_prompts).__name__}")
         prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
         ids, mask = self.encode_batch(prompts)
         out = self.generate_ids(ids, mask, **options)
@@ -197,13 +203,20 @@ class LM:
         return check
 
     def _check_inputs(self, input_ids, attention_mask, opts):
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise MinibloomError("input_ids must be a (batch, length) LongTensor with at least one token")
+        if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or 0 in input_ids.shape
+                or input_ids.dtype not in (torch.long, torch.int32) or input_ids.is_meta):
+            got = (f"a {tuple(input_ids.shape)} {input_ids.dtype} tensor on {input_ids.device}"
+                   if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__)
+            raise MinibloomError(f"input_ids must be a (batch, length) LongTensor with at least one row and one "
+                                 f"token, got {got}")
+        input_ids = input_ids.long()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise MinibloomError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
-                                 f"{tuple(input_ids.shape)}")
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else \
+                type(attention_mask).__name__
+            raise MinibloomError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, "
+                                 f"got {got}")
         vocab = self.model.config.vocab_size
         if int(input_ids.max()) >= vocab or int(input_ids.min()) < 0:
             raise MinibloomError(f"input_ids contain a token id outside the vocabulary [0, {vocab})")

@@ -50,9 +50,39 @@ def read_config(folder: Path) -> dict:
     if not path.is_file():
         raise MinibloomError(f"{folder} has no config.json: pass the folder of a Hugging Face checkpoint")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MinibloomError(f"{path} is not valid JSON ({e}): re-download it") from e
+    if not isinstance(config, dict):
+        raise MinibloomError(f"{path} holds a JSON {type(config).__name__}, not an object of settings: re-download it")
+    return config
+
+
+def config_fields(cls, d: dict, *, sizes: tuple = (), token_ids: tuple = ()) -> dict:
+    """The fields of the config dataclass `cls` present in `d` (not None), checked against their annotated types
+    (an integral float such as 250880.0 counts as an int). `sizes` must be >= 1; `token_ids` in [0, vocab_size)."""
+    fields = {}
+    for name, field in cls.__dataclass_fields__.items():
+        v = d.get(name)
+        if v is None:
+            continue
+        kinds = getattr(field.type, "__args__", (field.type,))   # int | None -> (int, NoneType)
+        if int in kinds and isinstance(v, float) and v.is_integer():
+            v = int(v)
+        ok = any(isinstance(v, k) and not (k in (int, float) and isinstance(v, bool)) for k in kinds if k is not
+                 type(None)) or (float in kinds and isinstance(v, int) and not isinstance(v, bool))
+        if not ok:
+            want = " or ".join(k.__name__ for k in kinds if k is not type(None))
+            raise MinibloomError(f"config.json: {name} must be {want}, got {v!r}: fix config.json or re-download it")
+        if name in sizes and v < 1:
+            raise MinibloomError(f"config.json: {name} must be at least 1, got {v}: fix config.json or re-download it")
+        fields[name] = v
+    vocab = fields.get("vocab_size", cls.vocab_size)
+    for name in token_ids:
+        if name in fields and not 0 <= fields[name] < vocab:
+            raise MinibloomError(f"config.json: {name} {fields[name]} is not a token id of the vocabulary [0, {vocab}):"
+                                 f" fix config.json or re-download it")
+    return fields
 
 
 class SafetensorsFile:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .errors import MinibloomError
+from .loader import config_fields
 
 FP16_TARGET = 2.0 ** 14   # scaled matmul outputs stay below this: 4x headroom under fp16's max (65504)
 
@@ -71,7 +72,10 @@ class T5Config:
         for k in ("eos_token_id", "decoder_start_token_id", "pad_token_id"):
             if isinstance(d.get(k), list):
                 d[k] = d[k][0]
-        cfg = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d and d[k] is not None})
+        cfg = cls(**config_fields(cls, d, sizes=("vocab_size", "d_model", "d_kv", "d_ff", "num_layers",
+                                                  "num_decoder_layers", "num_heads", "relative_attention_num_buckets",
+                                                  "relative_attention_max_distance"),
+                                  token_ids=("decoder_start_token_id", "eos_token_id", "pad_token_id")))
         if cfg.num_decoder_layers is None:
             cfg.num_decoder_layers = cfg.num_layers
         parts = cfg.feed_forward_proj.split("-")

@@ -78,6 +78,22 @@ def alibi_attention_ref(q, k, v, key_pos, slopes, q_offset: int) -> torch.Tensor
     return torch.bmm(probs.view(B * H, T, S), v.reshape(B * H, S, D)).view(B, H, T, D)
 
 
+# The references materialize (B, H, T, S) scores: a 14k-token prompt needed 12 GB. Above this many bytes of fp32
+# scores the queries go in chunks, each seeing every key; a query's output does not depend on the other queries.
+REF_SCORES_BYTES = 256 << 20
+
+
+def in_query_chunks(attend, q, S: int, q_offset: int) -> torch.Tensor:
+    """attend(q_chunk, its q_offset) -> (B, H, T_chunk, D), over chunks of q's T queries, concatenated."""
+    B, H, T, _ = q.shape
+    if T == 1:                                    # a decode step (also keeps a compiled step free of guards on S)
+        return attend(q, q_offset)
+    rows = max(1, REF_SCORES_BYTES // max(1, B * H * S * 4))
+    if rows >= T:
+        return attend(q, q_offset)
+    return torch.cat([attend(q[:, :, t:t + rows], q_offset + t) for t in range(0, T, rows)], dim=2)
+
+
 # --- T5 relative position bias ------------------------------------------------------------------------------------
 
 def t5_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -343,10 +359,12 @@ class Backend:
         return y.reshape(*x.shape[:-1], -1)
 
     def alibi_attention(self, q, k, v, key_pos, slopes, q_offset):
-        return alibi_attention_ref(q, k, v, key_pos, slopes, q_offset)
+        return in_query_chunks(lambda qc, offset: alibi_attention_ref(qc, k, v, key_pos, slopes, offset),
+                               q, k.shape[2], q_offset)
 
     def t5_attention(self, q, k, v, key_pos, bias, causal, q_offset):
-        return t5_attention_ref(q, k, v, key_pos, bias, causal, q_offset)
+        return in_query_chunks(lambda qc, offset: t5_attention_ref(qc, k, v, key_pos, bias, causal, offset),
+                               q, k.shape[2], q_offset)
 
     def argmax(self, logits):
         """Greedy pick: (..., V) -> (...,) int64, the first index of the maximum."""

@@ -468,7 +468,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from .cli import load_from_args
+    from .cli import load_from_args, prepare_output
 
     if args.model is None:
         raise MinibloomError("minibloom parity needs --model: a checkpoint folder, a Hub repo id or a family name")
@@ -477,9 +477,12 @@ def run(args) -> int:
     if args.tolerance is not None and not args.tolerance >= 0:
         raise MinibloomError(f"--tolerance {args.tolerance}: must be >= 0")
     import_transformers()
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        if path:
+            prepare_output(path, flag)  # fail before the long run, not after it
     if args.plot:
         from .inspect_model import pyplot
-        pyplot()  # fail before the long run, not after it
+        pyplot()
     prompts = read_prompts(args.prompts) if args.prompts else PROMPTS
     lm = load_from_args(args)
     reference = args.reference_model or args.model

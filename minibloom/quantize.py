@@ -72,8 +72,8 @@ class Quantizer:
             ops.mallopt(ops.M_MMAP_THRESHOLD, 32 << 20)   # where glibc's dynamic threshold settles on 64-bit
 
     def __call__(self, module, attr: str, ckpt, key: str) -> tuple:
-        if not quantizable(module, attr):
-            return ()
+        if not quantizable(module, attr) or not ckpt.dtype(key).is_floating_point:
+            return ()  # an integer tensor where a weight belongs is then refused by the loader, by name
         N, K = ckpt.shape(key)
         wq = ops.empty_huge((N, K), torch.int8, self.device)
         scale = torch.empty(N, dtype=torch.float32, device=self.device)
@@ -83,6 +83,9 @@ class Quantizer:
             else:
                 q, s = self.quantize_rows(w)
                 wq[rows], scale[rows] = q.to(self.device), s.to(self.device)
+        if not torch.isfinite(scale).all():  # an inf weight would zero the rest of its row
+            raise MinibloomError(f"tensor {key!r} in {ckpt.file_of(key)} holds infinite values: the checkpoint is "
+                                 f"corrupt; re-download it")
         module._parameters["weight"] = torch.nn.Parameter(wq, requires_grad=False)
         module._buffers["weight_scale"] = scale
         module.quant = self.mode

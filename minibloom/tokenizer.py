@@ -40,6 +40,15 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids, with the special tokens the checkpoint's pipeline adds (</s> for T5-family models)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 (argv, stdin), or a bad str
+            try:
+                bad = "bytes " + text[e.start:e.end].encode("utf-8", "surrogateescape").hex(" ")
+            except UnicodeEncodeError:
+                bad = ascii(text[e.start:e.end])
+            raise MinibloomError(f"the prompt is not valid UTF-8 text ({bad} at character {e.start}): "
+                                 f"convert it to UTF-8 (e.g. iconv -t UTF-8)") from None
         return self.backend.encode(text).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:

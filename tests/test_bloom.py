@@ -202,5 +202,23 @@ def test_encoder_decoder_only_arguments_get_a_clear_message(tiny):
 def test_float_integers_in_config_are_accepted():
     from minibloom.bloom import BloomConfig
     assert BloomConfig.from_dict({"vocab_size": 640.0, "n_embed": 64, "n_layer": 2, "n_head": 4}).vocab_size == 640
-    with pytest.raises(minibloom.MinibloomError, match="n_layer must be a number"):
-        BloomConfig.from_dict({"n_layer": "two"})
+    with pytest.raises(minibloom.MinibloomError, match="n_layer must be int"):
+        BloomConfig.from_dict({"n_layer": "two", "n_head": 4})
+
+
+def test_long_prompts_run_the_reference_attention_in_chunks_of_queries(tiny, monkeypatch):
+    """Above ops.REF_SCORES_BYTES of (B, H, T, S) scores the reference attends chunks of queries (a 14k-token
+    prompt took 12 GB in one piece): the logits stay equal to transformers'."""
+    lm, hf = both(tiny, "float32")
+    ids, mask = lm.encode_batch(PROMPTS)
+    B, T = ids.shape
+    seen = []
+    ref = ops.alibi_attention_ref
+    monkeypatch.setattr(ops, "alibi_attention_ref", lambda q, *a: seen.append(q.shape[2]) or ref(q, *a))
+    monkeypatch.setattr(ops, "REF_SCORES_BYTES", 3 * B * lm.model.config.n_head * T * 4)   # 3 queries a chunk
+    with torch.no_grad():
+        ours = lm.model(ids, mask)
+        theirs = hf(input_ids=ids, attention_mask=mask).logits
+    assert max(seen) == 3 and len(seen) == lm.model.config.n_layer * -(-T // 3)
+    valid = mask.bool()
+    assert torch.allclose(ours[valid], theirs[valid], rtol=0, atol=1e-5), (ours[valid] - theirs[valid]).abs().max()

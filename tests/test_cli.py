@@ -87,6 +87,34 @@ def test_stop_flag_reads_backslash_escapes():
     assert out.returncode == 2 and "must not be empty" in out.stderr
 
 
+def test_stdin_prompt_equals_the_argument_and_bytes_that_are_not_utf8_are_named(folder):
+    """`echo "..." |` adds a newline that the same prompt as an argument lacks: it is dropped."""
+    args = ("generate", "--model", folder, "--max-new-tokens", "6", "--backend", "reference")
+    piped = subprocess.run([sys.executable, "-m", "minibloom", *args], capture_output=True,
+                           input="Why is the sky blue?\n".encode())
+    assert piped.returncode == 0 and piped.stdout.decode() == run(*args, "Why is the sky blue?").stdout
+    bad = subprocess.run([sys.executable, "-m", "minibloom", *args], capture_output=True, input=b"caf\xe9 au lait")
+    assert bad.returncode == 2 and b"stdin is not UTF-8 text (byte 0xe9 at offset 3)" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "minibloom", *args, b"caf\xe9"], capture_output=True)
+    assert bad.returncode == 2 and b"not valid UTF-8 text (bytes e9 at character 3)" in bad.stderr
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(folder, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for args, message in [
+        (("convert", "--model", folder, "--out", str(a_file / "sub")), "is a file, not a folder"),
+        (("convert", "--model", folder, "--out", str(a_file)), "is a file: pass a folder"),
+        (("inspect", "--model", folder, "--plot", str(a_file), "--prompt", "hi"), "is a file: pass a folder"),
+        (("parity", "--model", folder, "--json", str(tmp_path)), "is a folder: pass a file name"),
+        (("parity", "--model", folder, "--plot", str(a_file / "x.png")), "is a file, not a folder"),
+        (("bench", "--model", folder, "--json", str(tmp_path)), "is a folder: pass a file name"),
+    ]:
+        out = run(*args)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+        assert "loaded" not in out.stderr                 # refused before the model was loaded
+
+
 def test_prompt_from_stdin_and_seeded_sampling(folder):
     args = ("generate", "--model", folder, "--max-new-tokens", "8", "--do-sample", "--seed", "3")
     a = run(*args, stdin="Why is the sky blue?")
@@ -155,17 +183,37 @@ def test_prompts_file_in_batches_keeps_order_and_fields(folder, tmp_path):
         second["completion"]
 
 
+def test_prompts_file_lines_end_at_newlines_and_json_files_are_read_as_json(folder, tmp_path):
+    """Form feeds and U+2028 inside a prompt do not split it (str.splitlines would); a .json file may be a JSON
+    array or JSON lines; a UTF-8 BOM is skipped."""
+    from minibloom.cli import read_prompt_file
+    text = tmp_path / "p.txt"
+    text.write_text("\ufeffone\x0cstill one\u2028and one\r\ntwo\n")
+    assert [r["prompt"] for r in read_prompt_file(str(text))] == ["one\x0cstill one\u2028and one", "two"]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a\u2028b", "id": 1}\n')
+    assert read_prompt_file(str(jsonl)) == [{"prompt": "a\u2028b", "id": 1}]
+    array = tmp_path / "p.json"
+    array.write_text('[\n  {"prompt": "Hi", "id": 2},\n  "Bonjour"\n]\n')
+    assert read_prompt_file(str(array)) == [{"prompt": "Hi", "id": 2}, {"prompt": "Bonjour"}]
+    lines = tmp_path / "q.json"
+    lines.write_text('{"prompt": "Hi"}\n{"prompt": "Yo"}\n')
+    assert [r["prompt"] for r in read_prompt_file(str(lines))] == ["Hi", "Yo"]
+
+
 @pytest.mark.parametrize("content,args,message", [
     (None, ("--prompts", "/nonexistent/prompts.txt"), "no such file"),
     ("Hi\n", ("Hello",), "not both"),
     ('{"prompt": "Hi"}\nnot json\n', (), "line 2 is not JSON"),
     ('{"text": "Hi"}\n', (), 'line 1 has no "prompt" string'),
     ("\n\n", (), "has no prompts"),
+    ('{"prompt": "  "}\n', (), 'line 1 has an empty "prompt"'),
+    (b"Hi\ncaf\xe9\n", (), "line 2 is not UTF-8 text (byte 0xe9)"),
 ])
 def test_prompts_file_mistakes(folder, tmp_path, content, args, message):
-    path = tmp_path / ("p.jsonl" if content and content.startswith("{") else "p.txt")
+    path = tmp_path / ("p.jsonl" if isinstance(content, str) and content.startswith("{") else "p.txt")
     if content is not None:
-        path.write_text(content)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
         args = ("--prompts", str(path), *args)
     out = run("generate", "--model", folder, *args)
     assert out.returncode == 2 and message in out.stderr, out.stderr

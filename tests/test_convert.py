@@ -186,6 +186,11 @@ def test_cli_convert_then_generate(tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr
     bad = run("convert", "--model", folder, "--out", str(tmp_path / "s"), "--max-shard-size", "lots")
     assert bad.returncode == 2 and "not a size" in bad.stderr
+    # An int8 folder cannot become a float checkpoint; saved again as int8 it says so.
+    bad = run("convert", "--model", str(tmp_path / "q"), "--dtype", "float32", "--out", str(tmp_path / "f"))
+    assert bad.returncode == 2 and "holds int8 weights" in bad.stderr and "--quantize int8" in bad.stderr
+    again = run("convert", "--model", str(tmp_path / "q"), "--quantize", "int8", "--out", str(tmp_path / "q2"))
+    assert again.returncode == 0 and "(int8)" in again.stderr
 
 
 def test_saved_int8_load_maps_the_weights_instead_of_copying_them(tmp_path):

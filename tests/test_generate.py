@@ -103,10 +103,38 @@ def test_stream_concatenates_to_generate(lm):
                                  dict(repetition_penalty=0), dict(num_beams=0), dict(num_beams=2, do_sample=True),
                                  dict(num_return_sequences=3, num_beams=2), dict(stop=[""]), dict(colour="red"),
                                  dict(no_repeat_ngram_size=-1), dict(no_repeat_ngram_size=1.5),
-                                 dict(min_new_tokens=-1), dict(min_new_tokens=5)])
+                                 dict(min_new_tokens=-1), dict(min_new_tokens=5),
+                                 dict(do_sample=True, temperature=float("inf")),
+                                 dict(do_sample=True, temperature=1e-300), dict(temperature="hot"),
+                                 dict(top_p=float("nan")), dict(repetition_penalty="1.2"),
+                                 dict(num_beams=3, length_penalty=400), dict(num_beams=3, length_penalty=float("nan")),
+                                 dict(do_sample=True, seed=2**64), dict(do_sample=True, seed="abc"),
+                                 dict(do_sample=True, seed=1.5), dict(stop=5)])
 def test_invalid_options_are_rejected_with_a_message(lm, bad):
     with pytest.raises(MinibloomError, match="invalid|unknown"):
         lm.generate("Hello", **{"max_new_tokens": 4, **bad})
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda lm: lm.generate(None), "a prompt .str. or a list of prompts, got NoneType"),
+    (lambda lm: lm.generate(5), "got int"),
+    (lambda lm: lm.generate_ids(torch.tensor([[1.0, 2.0]])), "LongTensor.*torch.float32"),
+    (lambda lm: lm.generate_ids(torch.zeros(0, 3, dtype=torch.long)), "at least one row"),
+    (lambda lm: lm.generate_ids(torch.ones(1, 3, dtype=torch.long, device="meta")), "on meta"),
+    (lambda lm: lm.generate_ids(torch.ones(1, 3, dtype=torch.long), [[1, 1, 1]]), "attention_mask must be a tensor"),
+    (lambda lm: lm.generate("caf\udce9"), "not valid UTF-8 text .bytes e9 at character 3."),
+])
+def test_bad_python_inputs_are_one_message(lm, call, message):
+    with pytest.raises(MinibloomError, match=message):
+        call(lm)
+
+
+def test_extreme_but_valid_sampling_settings_run(lm):
+    """The smallest temperature allowed is greedy decoding in effect; a hot one with banned tokens stays finite."""
+    greedy = lm.generate("Hello", max_new_tokens=6)
+    assert lm.generate("Hello", max_new_tokens=6, do_sample=True, temperature=1e-6, seed=0) == greedy
+    assert isinstance(lm.generate("Hello", max_new_tokens=6, do_sample=True, temperature=1e6, min_new_tokens=3,
+                                  no_repeat_ngram_size=1, seed=0), str)
 
 
 @pytest.mark.parametrize("prompt", ["", "   ", [], [""]])

@@ -347,3 +347,74 @@ def test_weights_larger_than_ram_are_mapped_with_a_warning(monkeypatch, capsys):
     monkeypatch.setattr(lm_module, "_total_ram", lambda: 2**40)
     minibloom.load(bloom_checkpoint(TINY_BLOOM, seed=1), dtype="float32")
     assert "from disk" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family, change, message", [
+    ("bloom", {"n_head": None, "num_attention_heads": None}, "has no n_head"),
+    ("bloom", {"n_head": 0}, "n_head must be at least 1"),
+    ("bloom", {"n_layer": 3.5}, "n_layer must be int"),
+    ("bloom", {"vocab_size": -1}, "vocab_size must be at least 1"),
+    ("bloom", {"pad_token_id": 640}, r"pad_token_id 640 is not a token id of the vocabulary \[0, 640\)"),
+    ("bloom", {"layer_norm_epsilon": "abc"}, "layer_norm_epsilon must be float"),
+    ("mt5", {"num_heads": "abc"}, "num_heads must be int"),
+    ("mt5", {"d_ff": 4.5}, "d_ff must be int"),
+    ("mt5", {"d_kv": -1}, "d_kv must be at least 1"),
+    ("mt5", {"decoder_start_token_id": -1}, "decoder_start_token_id -1 is not a token id"),
+    ("mt5", {"tie_word_embeddings": "yes"}, "tie_word_embeddings must be bool"),
+])
+def test_config_values_are_checked_by_name(tmp_path, family, change, message):
+    """A config.json value of the wrong type or range is named, never a raw error or a silent default (the
+    weights' shapes do not tell BLOOM's head count: transformers would assume 8, minibloom 16)."""
+    from minibloom.checkpoints import TINY_MT5, mt5_checkpoint
+    folder = copy(bloom_checkpoint(TINY_BLOOM) if family == "bloom" else mt5_checkpoint(TINY_MT5), tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg = {k: v for k, v in {**cfg, **change}.items() if v is not None}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MinibloomError, match=message):
+        minibloom.load(folder)
+
+
+def test_config_that_is_not_an_object(tmp_path):
+    folder = copy(bloom_checkpoint(TINY_BLOOM), tmp_path)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(MinibloomError, match="holds a JSON list, not an object"):
+        minibloom.load(folder)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_integer_weights_are_refused_when_quantizing_too(tmp_path, backend):
+    folder = copy(bloom_checkpoint(TINY_BLOOM), tmp_path)
+    path = folder / "model.safetensors"
+    sd = load_file(path)
+    save_file({**sd, "word_embeddings.weight": sd["word_embeddings.weight"].to(torch.int32)}, str(path))
+    for quantize in (None, "int8"):
+        with pytest.raises(MinibloomError, match="'word_embeddings.weight'.*stored as torch.int32"):
+            minibloom.load(folder, quantize=quantize, backend=backend)
+
+
+def test_nan_weights_end_in_a_message_not_a_silent_completion(tmp_path):
+    folder = copy(bloom_checkpoint(TINY_BLOOM), tmp_path)
+    path = folder / "model.safetensors"
+    sd = load_file(path)
+    save_file({**sd, "ln_f.weight": torch.full_like(sd["ln_f.weight"], float("nan"))}, str(path))
+    lm = minibloom.load(folder, backend="reference")
+    for options in (dict(), dict(num_beams=2)):
+        with pytest.raises(MinibloomError, match="logits for the prompt are NaN"):
+            lm.generate("Hello", max_new_tokens=4, **options)
+
+
+def test_int8_threshold_needs_an_int8_model():
+    with pytest.raises(MinibloomError, match="int8_threshold.*applies to int8 models"):
+        minibloom.load(bloom_checkpoint(TINY_BLOOM), int8_threshold=4.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_infinite_weights_are_named_when_quantizing(tmp_path, backend):
+    folder = copy(bloom_checkpoint(TINY_BLOOM), tmp_path)
+    path = folder / "model.safetensors"
+    sd = load_file(path)
+    w = sd["h.0.mlp.dense_h_to_4h.weight"].clone()
+    w[3, 5] = float("inf")
+    save_file({**sd, "h.0.mlp.dense_h_to_4h.weight": w}, str(path))
+    with pytest.raises(MinibloomError, match="'h.0.mlp.dense_h_to_4h.weight'.*infinite values"):
+        minibloom.load(folder, quantize="int8", backend=backend)

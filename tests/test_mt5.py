@@ -8,7 +8,7 @@ from tokenizers import Tokenizer as RawTokenizer
 from transformers import AutoTokenizer
 
 import minibloom
-from minibloom import MinibloomError, mt5
+from minibloom import MinibloomError, mt5, ops
 from minibloom.checkpoints import (CORPUS, MT0_SMALL, TINY_BLOOM, TINY_MT5, TINY_T5, TINY_T5_V11, bloom_checkpoint,
                                    hf_from_folder, mt5_checkpoint)
 from minibloom.generate import GenerationOptions, decode_tokens
@@ -61,6 +61,22 @@ def test_logits_bit_exact_long_padded_batch(variant, dtype):
         theirs = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
     assert ours.dtype == theirs.dtype == DTYPES[dtype] and ours.shape == (3, 140, 1024)
     assert torch.equal(ours, theirs), (ours.float() - theirs.float()).abs().max()
+
+
+def test_long_inputs_run_the_reference_attention_in_chunks_of_queries(tiny, monkeypatch):
+    """Encoder (bidirectional) and decoder (causal) attention in chunks of 7 queries, each with its own part of the
+    T5 bias: the logits stay equal to transformers'."""
+    lm, hf = both(tiny, "float32")
+    ids, mask, dec = long_batch()
+    seen = []
+    ref = ops.t5_attention_ref
+    monkeypatch.setattr(ops, "t5_attention_ref", lambda q, *a: seen.append(q.shape[2]) or ref(q, *a))
+    monkeypatch.setattr(ops, "REF_SCORES_BYTES", 7 * 3 * lm.model.config.num_heads * 200 * 4)
+    with torch.no_grad():
+        ours = lm.model(ids, mask, decoder_input_ids=dec)
+        theirs = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert max(seen) <= 10 and len(seen) > 10
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-5), (ours - theirs).abs().max()
 
 
 def test_head_tied_and_rescaled_only_for_original_t5():
