@@ -157,6 +157,17 @@ BLOOM_GELU_C = 0.79788456            # Megatron's literal for sqrt(2/pi)
 GELU_NEW_C = math.sqrt(2.0 / math.pi)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """T5LayerNorm: x / sqrt(mean(x^2) + eps) * weight, the statistics in fp32, no mean subtraction, no bias.
+    16-bit activations go back to the weight's dtype before the weight (transformers' order); fp16 weights leave
+    them in fp32 (mt5.py's fp16 recipe)."""
+    var = x.float().pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(var + eps)                # fp32 (type promotion)
+    if weight.dtype == torch.float16:
+        return weight.float() * x
+    return weight * x.to(weight.dtype)
+
+
 def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     """BLOOM's tanh GELU with Megatron's literal constant 0.79788456 (~sqrt(2/pi)), in the activation dtype.
     F.gelu(approximate="tanh") is equal in fp32 but rounds differently in bf16."""
@@ -372,6 +383,9 @@ class Backend:
 
     def bloom_gelu(self, x):
         return bloom_gelu(x)
+
+    def rms_norm(self, x, weight, eps):
+        return rms_norm(x, weight, eps)
 
     def gated_gelu_new(self, x, gate):
         """T5 v1.1's gated FFN activation: gelu_new(wi_0 x) * wi_1 x."""

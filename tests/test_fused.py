@@ -95,3 +95,18 @@ def test_fused_models_run_their_gelu_through_the_kernel(family, monkeypatch):
     cfg = lm.model.config
     layers = cfg.n_layer if family == "bloom" else cfg.num_layers + cfg.num_decoder_layers
     assert len(calls) == layers
+
+
+def test_fused_mt5_runs_its_norms_through_the_kernel(monkeypatch):
+    """Every RMSNorm of an eager fused mT5 forward calls matmul.rms_norm (25 in an mt0-small decode step, eight torch
+    ops each); test_mt5_fused_fp32_matches_transformers bounds what it computes."""
+    from minibloom.kernels.cpu import matmul as mm
+    lm = minibloom.load(mt5_checkpoint(TINY_MT5), dtype="bfloat16", backend="fused")
+    calls = []
+    kernel = mm.rms_norm
+    monkeypatch.setattr(mm, "rms_norm", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    ids, mask = lm.encode_batch(PROMPTS)
+    with torch.no_grad():
+        lm.model(ids, mask, decoder_input_ids=ids[:, :1] * 0)
+    cfg = lm.model.config
+    assert len(calls) == 2 * cfg.num_layers + 1 + 3 * cfg.num_decoder_layers + 1

@@ -1184,6 +1184,67 @@ void tanh_gelu(const void* x, const void* gate, int dt, int64_t n, float c, void
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// T5's RMSNorm (transformers' T5LayerNorm) for the fused backend, one pass per row where torch's eight ops (float,
+// pow, mean, add, rsqrt, mul, to, mul) each read and write it; an mt0-small decode step has 25 of them.
+//   t = x * (1 / sqrt(mean(x^2) + eps))     fp32 (16-bit x widened exactly), mean = sum / C as torch's
+//   y = w * round_w(t)                        t rounded to w's dtype before the product, as transformers does;
+//                                             fp16 weights (activations kept in fp32): y = fp32(w) * t, in fp32
+// The reference is minibloom.ops.rms_norm. Only the sum of squares runs in another order (fp32: ~1 ulp).
+
+template <int W>
+inline float sumsq(const float* x, int64_t n) {
+  typename Vec<W>::f a = splat<W>(0.f), b = splat<W>(0.f);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const typename Vec<W>::f u = loadf<W>(x + i), v = loadf<W>(x + i + W);
+    a += u * u;
+    b += v * v;
+  }
+  alignas(64) float lanes[W];
+  storef<W>(lanes, a + b);
+  float s = 0.f;
+  for (int l = 0; l < W; l++) s += lanes[l];
+  for (; i < n; i++) s += x[i] * x[i];
+  return s;
+}
+
+using SumSq = float (*)(const float*, int64_t);
+TGT_F __attribute__((flatten)) static float sumsq_avx512(const float* x, int64_t n) { return sumsq<16>(x, n); }
+TGT_AVX2 __attribute__((flatten)) static float sumsq_avx2(const float* x, int64_t n) { return sumsq<8>(x, n); }
+static float sumsq_scalar(const float* x, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; i++) s += x[i] * x[i];
+  return s;
+}
+
+static inline float round_to(float v, int dt) {
+  return dt == DT_BF16 ? bf16_to_f32(f32_to_bf16(v)) : dt == DT_F16 ? f16_to_f32(f32_to_f16(v)) : v;
+}
+
+// x (M, C) of xdt, w (C,) of wdt; y (M, C) of wdt, or fp32 when w is fp16 (see above).
+void rms_norm(const void* x, int xdt, const void* w, int wdt, int64_t M, int64_t C, float eps, void* y) {
+  const SumSq ss = use_f() ? sumsq_avx512 : use_avx2() ? sumsq_avx2 : sumsq_scalar;
+  const int ydt = wdt == DT_F16 ? DT_F32 : wdt;
+#pragma omp parallel if (M * C >= (1 << 16))
+  {
+    std::vector<float> widened(xdt == DT_F32 ? 0 : C);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < M; r++) {
+      const float* xr = (const float*)x + r * C;
+      if (xdt != DT_F32) {
+        for (int64_t c = 0; c < C; c++) widened[c] = load_f(x, xdt, r * C + c);
+        xr = widened.data();
+      }
+      const float inv = 1.f / std::sqrt(ss(xr, C) / (float)C + eps);
+      for (int64_t c = 0; c < C; c++) {
+        const float t = xr[c] * inv;
+        store_y(y, ydt, r * C + c, load_f(w, wdt, c) * (wdt == DT_F16 ? t : round_to(t, wdt)));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Row argmax of the logits (greedy decoding), exactly torch.argmax: the first index of the row's maximum, a NaN
 // counting as larger than any number (the first NaN wins). torch's CPU argmax reads ~2.3 GB/s on lm_head's
 // 250,880 logits (0.44 ms per token in fp32, 1 ms in bf16); this reads them at cache speed.

@@ -33,6 +33,7 @@ void linear_f16(const uint16_t* x, const uint16_t* w, const void* bias, int bias
                 int64_t K, uint16_t* y);
 void argmax_rows(const void* x, int dt, int64_t M, int64_t N, int64_t* out);
 void tanh_gelu(const void* x, const void* gate, int dt, int64_t n, float c, void* y);
+void rms_norm(const void* x, int xdt, const void* w, int wdt, int64_t M, int64_t C, float eps, void* y);
 void w8a8_epilogue(const int32_t* acc, const float* s_x, const float* w_scale, const float* extra,
                    const void* bias, int bias_dt, int64_t M, int64_t N, void* y, int y_dt);
 }  // namespace mbmm
@@ -202,6 +203,19 @@ Tensor tanh_gelu(Tensor x, double c, std::optional<Tensor> gate) {
   return y;
 }
 
+// T5's RMSNorm of each row of x (M, C) with weight w (C,): y (M, C) in w's dtype, or fp32 for fp16 weights.
+Tensor rms_norm(Tensor x, Tensor w, double eps) {
+  check_2d(x, "x");
+  STD_TORCH_CHECK(is_float(x), "x must be float32, bfloat16 or float16");
+  STD_TORCH_CHECK(w.is_cpu() && w.dim() == 1 && w.is_contiguous() && is_float(w) && w.size(0) == x.size(1),
+                  "w must be a contiguous float (C,) CPU tensor, C = x's last dim");
+  const bool half_w = w.scalar_type() == ScalarType::Half;
+  Tensor y = empty_cpu({x.size(0), x.size(1)}, half_w ? ScalarType::Float : w.scalar_type());
+  mbmm::rms_norm(x.data_ptr(), dtype_code(x), w.data_ptr(), dtype_code(w), x.size(0), x.size(1), (float)eps,
+                 y.data_ptr());
+  return y;
+}
+
 Tensor argmax_rows(Tensor x) {
   check_2d(x, "x");
   STD_TORCH_CHECK(is_float(x), "x must be float32, bfloat16 or float16");
@@ -224,6 +238,7 @@ STABLE_TORCH_LIBRARY(minibloom_matmul, m) {
   m.def("linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("tanh_gelu(Tensor x, float c, Tensor? gate) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("w8a8_epilogue(Tensor acc, Tensor s_x, Tensor w_scale, Tensor? extra, Tensor? bias, Tensor like) -> Tensor");
 }
 
@@ -239,6 +254,7 @@ STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CPU, m) {
   m.impl("argmax_rows", TORCH_BOX(&argmax_rows));
   m.impl("w8a8_epilogue", TORCH_BOX(&w8a8_epilogue));
   m.impl("tanh_gelu", TORCH_BOX(&tanh_gelu));
+  m.impl("rms_norm", TORCH_BOX(&rms_norm));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(minibloom_matmul, CompositeExplicitAutograd, m) {

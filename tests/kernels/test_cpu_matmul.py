@@ -308,6 +308,38 @@ def test_tanh_gelu_special_values(path):
     torch.testing.assert_close(mm.tanh_gelu(x, c), reference(x, None), equal_nan=True, rtol=1e-6, atol=0)
 
 
+# --- T5's RMSNorm ----------------------------------------------------------------------------------------------------
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(1, 1), (1, 512), (3, 7, 100), (2, 130, 1024), (64, 4096)])   # tails; threaded
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float32, torch.float16), (torch.float16, torch.float16)])
+def test_rms_norm_matches_the_model_reference(path, shape, x_dtype, w_dtype):
+    """Only the sum of squares runs in another order: fp32 within ~1 ulp, 16-bit outputs off by an ulp of one of
+    their two roundings in rare elements (fp16 weights give fp32 outputs, as mt5.py's fp16 recipe wants)."""
+    from minibloom import ops
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(shape, generator=g) * 3).to(x_dtype)
+    x.view(-1, shape[-1])[0] = 0                                                   # an all-zero row: y = 0
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(w_dtype)
+    y, want = mm.rms_norm(x, w, 1e-6), ops.rms_norm(x, w, 1e-6)
+    assert y.dtype == want.dtype and y.shape == want.shape == x.shape
+    assert torch.equal(y.view(-1, shape[-1])[0], want.view(-1, shape[-1])[0])
+    if y.dtype == torch.float32:
+        torch.testing.assert_close(y, want, rtol=2e-6 + shape[-1] * 2 ** -25, atol=1e-7)   # a sum of C squares
+    else:
+        torch.testing.assert_close(y.float(), want.float(), rtol=2 ** -6, atol=0)   # t and w * t: two roundings
+        assert (y != want).float().mean() <= 0.01
+
+
+@needs_ext
+def test_rms_norm_mistakes_are_named():
+    with pytest.raises(ValueError, match="w must be .* of shape \\(8,\\)"):
+        mm.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-6)
+    with pytest.raises(ValueError, match="x must be"):
+        mm.rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.ones(8), 1e-6)
+
+
 # --- API ----------------------------------------------------------------------------------------------------------
 
 @needs_ext
