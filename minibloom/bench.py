@@ -289,9 +289,10 @@ def run_rounds(report: dict, variants: list[Variant], args, device: str, folder:
 def run(args) -> int:
     from .cli import prepare_output
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)
-    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
-        if path:
-            prepare_output(path, flag)
+    if args.json:
+        args.json = prepare_output(args.json, "--json")
+    if args.plot:
+        args.plot = prepare_output(args.plot, "--plot")
     if args.report:
         try:
             return show(finish(json.loads(Path(args.report).read_text())), args.plot, log)

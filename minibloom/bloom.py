@@ -42,7 +42,8 @@ class BloomConfig:
                                   token_ids=("bos_token_id", "eos_token_id", "pad_token_id")))
         if cfg.hidden_size % cfg.n_head:
             raise MinibloomError(f"config.json: hidden_size {cfg.hidden_size} is not divisible by n_head {cfg.n_head}")
-        if d.get("pretraining_tp", 1) > 1 and d.get("slow_but_exact"):
+        tp = d.get("pretraining_tp")
+        if isinstance(tp, (int, float)) and tp > 1 and d.get("slow_but_exact"):
             raise MinibloomError("config.json sets slow_but_exact with pretraining_tp > 1, which minibloom does not "
                                  "replicate: set slow_but_exact to false")
         return cfg

@@ -41,21 +41,29 @@ def add_model_arguments(p: argparse.ArgumentParser, default_model=DEFAULT_MODEL)
                         "(20-70 s on a 2-core CPU, cached on disk); pays off for long generations")
 
 
-def prepare_output(path, flag: str, folder: bool = False) -> None:
-    """Before any work: refuse an output path that cannot be written (a folder where a file goes or the reverse, a
-    file among its parents, no write permission), and create the folders it lives in."""
+def prepare_output(path, flag: str, folder: bool = False) -> str:
+    """Before any work: refuse an output path that cannot be written (empty, a folder where a file goes or the
+    reverse, a file among its parents, no write permission, a name the file system refuses). Returns the path with
+    ~ expanded; a file's folders are created (a folder output is created by its writer, after the work)."""
+    if not str(path).strip():
+        raise MinibloomError(f"{flag} is empty: pass a {'folder' if folder else 'file name'}")
     p = Path(path).expanduser()
-    if folder and p.exists() and not p.is_dir():
-        raise MinibloomError(f"{flag} {path} is a file: pass a folder")
-    if not folder and p.is_dir():
-        raise MinibloomError(f"{flag} {path} is a folder: pass a file name")
-    parent = p if folder else p.parent
-    existing = next(q for q in [parent, *parent.parents] if q.exists())
-    if not existing.is_dir():
-        raise MinibloomError(f"{flag} {path}: {existing} is a file, not a folder: pass another path")
-    if not os.access(existing, os.W_OK):
-        raise MinibloomError(f"{flag} {path}: no permission to write in {existing}: pass another path")
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if folder and p.exists() and not p.is_dir():
+            raise MinibloomError(f"{flag} {path} is a file: pass a folder")
+        if not folder and p.is_dir():
+            raise MinibloomError(f"{flag} {path} is a folder: pass a file name")
+        parent = p if folder else p.parent
+        existing = next(q for q in [parent, *parent.parents] if q.exists())
+        if not existing.is_dir():
+            raise MinibloomError(f"{flag} {path}: {existing} is a file, not a folder: pass another path")
+        if not os.access(existing, os.W_OK):
+            raise MinibloomError(f"{flag} {path}: no permission to write in {existing}: pass another path")
+        if not folder:
+            parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MinibloomError(f"{flag} {path}: {e.strerror or e}: pass another path") from None
+    return str(p)
 
 
 def positive_int(text):
@@ -94,7 +102,7 @@ def parser() -> argparse.ArgumentParser:
                                    "and speed go to stderr.")
     g.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
     g.add_argument("--prompts", metavar="FILE", default=None,
-                   help="generate for every prompt of FILE, in batches: one prompt per line, or JSON lines "
+                   help="generate for every prompt of FILE (- for stdin), in batches: one prompt per line, or JSON lines "
                         "(.jsonl, .json) with a \"prompt\" field; writes one JSON line per prompt, its fields plus "
                         "\"completion\", in the file's order")
     g.add_argument("--batch-size", type=positive_int, default=8,
@@ -160,10 +168,13 @@ def read_prompt_file(path: str) -> list[dict]:
     """Records with a "prompt": one per non-empty line of a text file, or one per line of a .jsonl or .json file (an
     object with a "prompt" string, kept whole so ids or labels come back with the completion, or a bare JSON string;
     a .json file may also be one JSON array of them)."""
-    p = Path(path)
-    if not p.is_file():
+    p = Path(path).expanduser()
+    if path == "-":
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    elif not p.exists() or p.is_dir():
         raise MinibloomError(f"--prompts {path}: no such file (one prompt per line, or JSON lines with \"prompt\")")
-    data = p.read_bytes()
+    else:
+        data = p.read_bytes()  # a pipe such as <(cmd) or /dev/stdin too
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -182,6 +193,7 @@ def read_prompt_file(path: str) -> list[dict]:
         records = [{"prompt": line} for _, line in lines]
     else:
         records = []
+        whole = [whole] if isinstance(whole, dict) else whole            # one pretty-printed object
         items = enumerate(whole, 1) if isinstance(whole, list) else lines
         for i, line in items:
             where = f"{path} item {i}" if isinstance(whole, list) else f"{path} line {i}"
@@ -241,7 +253,7 @@ def generate(args) -> int:
             raise MinibloomError("no prompt: pass it as an argument or pipe it on stdin")
         data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
         try:
-            prompt = data.decode("utf-8")
+            prompt = data.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise MinibloomError(f"stdin is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}): convert "
                                  f"it to UTF-8 (e.g. iconv -t UTF-8)") from None

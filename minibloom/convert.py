@@ -142,7 +142,7 @@ def run(args) -> int:
     from .cli import prepare_output
     from .lm import load
     t0 = time.perf_counter()
-    prepare_output(args.out, "--out", folder=True)
+    args.out = prepare_output(args.out, "--out", folder=True)
     lm = load(args.model, dtype=None if args.dtype == "auto" else args.dtype, quantize=args.quantize,
               int8_threshold=args.int8_threshold)
     if lm.quantize and not args.quantize:

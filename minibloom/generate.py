@@ -9,6 +9,7 @@ token for an encoder-decoder), which the score processors look at, as transforme
 beam.py; it uses the same processors.
 """
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -49,14 +50,25 @@ class GenerationOptions:
     def validate(self):
         def bad(name, value, want):
             raise MinibloomError(f"invalid {name}={value!r}: {want}")
+        # NumPy scalars and one-element tensors count as the numbers they hold.
         for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 bad(name, value, "must be a finite number")
+            setattr(self, name, float(value))
+        for name in ("max_new_tokens", "top_k", "no_repeat_ngram_size", "min_new_tokens", "num_beams",
+                     "num_return_sequences", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                setattr(self, name, int(value))
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             bad("max_new_tokens", self.max_new_tokens, "must be an integer >= 1")
-        if not self.temperature >= 1e-6:  # below, logits / temperature overflow fp32: that is greedy decoding
-            bad("temperature", self.temperature, "must be >= 1e-6 (use do_sample=False for greedy decoding)")
+        if not self.temperature > 0:
+            bad("temperature", self.temperature, "must be > 0")
+        if self.do_sample and self.temperature < 1e-6:  # logits / temperature would overflow fp32: greedy in effect
+            bad("temperature", self.temperature, "must be >= 1e-6 when sampling (do_sample=False is greedy decoding)")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             bad("top_k", self.top_k, "must be an integer >= 0 (0 turns it off)")
         if not 0 < self.top_p <= 1:

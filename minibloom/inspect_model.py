@@ -326,7 +326,7 @@ def run(args) -> int:
     if args.model is None:
         raise MinibloomError("minibloom inspect needs --model: a checkpoint folder, a Hub repo id or a family name")
     if args.plot:
-        prepare_output(args.plot, "--plot", folder=True)
+        args.plot = prepare_output(args.plot, "--plot", folder=True)
         pyplot()
     lm = load_from_args(args)
     print(report(lm))

@@ -71,7 +71,7 @@ class T5Config:
             d["feed_forward_proj"] = "relu"  # original T5 configs predate the field
         for k in ("eos_token_id", "decoder_start_token_id", "pad_token_id"):
             if isinstance(d.get(k), list):
-                d[k] = d[k][0]
+                d[k] = d[k][0] if d[k] else None
         cfg = cls(**config_fields(cls, d, sizes=("vocab_size", "d_model", "d_kv", "d_ff", "num_layers",
                                                   "num_decoder_layers", "num_heads", "relative_attention_num_buckets",
                                                   "relative_attention_max_distance"),

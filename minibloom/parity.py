@@ -477,9 +477,10 @@ def run(args) -> int:
     if args.tolerance is not None and not args.tolerance >= 0:
         raise MinibloomError(f"--tolerance {args.tolerance}: must be >= 0")
     import_transformers()
-    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
-        if path:
-            prepare_output(path, flag)  # fail before the long run, not after it
+    if args.json:                                    # fail before the long run, not after it
+        args.json = prepare_output(args.json, "--json")
+    if args.plot:
+        args.plot = prepare_output(args.plot, "--plot")
     if args.plot:
         from .inspect_model import pyplot
         pyplot()

@@ -1,5 +1,6 @@
 """The `minibloom` command as a user runs it: help, generate from an argument or stdin, and clear errors."""
 import json
+import os
 import subprocess
 import sys
 
@@ -103,6 +104,8 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(folder, tmp_
     a_file = tmp_path / "file"
     a_file.write_text("x")
     for args, message in [
+        (("convert", "--model", folder, "--out", ""), "--out is empty"),
+        (("convert", "--model", folder, "--out", str(tmp_path / ("x" * 300))), "File name too long"),
         (("convert", "--model", folder, "--out", str(a_file / "sub")), "is a file, not a folder"),
         (("convert", "--model", folder, "--out", str(a_file)), "is a file: pass a folder"),
         (("inspect", "--model", folder, "--plot", str(a_file), "--prompt", "hi"), "is a file: pass a folder"),
@@ -113,6 +116,17 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(folder, tmp_
         out = run(*args)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
         assert "loaded" not in out.stderr                 # refused before the model was loaded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]               # and nothing left behind
+
+
+def test_output_paths_expand_the_home_folder(folder, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home)}
+    out = subprocess.run([sys.executable, "-m", "minibloom", "convert", "--model", folder, "--out", "~/converted"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert (home / "converted" / "config.json").is_file() and not (tmp_path / "~").exists()
 
 
 def test_prompt_from_stdin_and_seeded_sampling(folder):
@@ -199,6 +213,16 @@ def test_prompts_file_lines_end_at_newlines_and_json_files_are_read_as_json(fold
     lines = tmp_path / "q.json"
     lines.write_text('{"prompt": "Hi"}\n{"prompt": "Yo"}\n')
     assert [r["prompt"] for r in read_prompt_file(str(lines))] == ["Hi", "Yo"]
+    single = tmp_path / "one.json"
+    single.write_text('{\n  "prompt": "Hi",\n  "id": 3\n}\n')
+    assert read_prompt_file(str(single)) == [{"prompt": "Hi", "id": 3}]
+
+
+def test_prompts_from_stdin_with_a_dash(folder):
+    out = run("generate", "--model", folder, "--prompts", "-", "--max-new-tokens", "3", "--backend", "reference",
+              stdin="Hi\nBonjour\n")
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line)["prompt"] for line in out.stdout.splitlines()] == ["Hi", "Bonjour"]
 
 
 @pytest.mark.parametrize("content,args,message", [

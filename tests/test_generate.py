@@ -129,6 +129,16 @@ def test_bad_python_inputs_are_one_message(lm, call, message):
         call(lm)
 
 
+def test_numpy_scalars_and_one_element_tensors_are_numbers(lm):
+    import numpy as np
+    opts = dict(max_new_tokens=np.int64(5), do_sample=True, temperature=np.float32(0.7), top_p=torch.tensor(0.9),
+                seed=np.int64(3))
+    assert lm.generate("Hello", **opts) == lm.generate("Hello", max_new_tokens=5, do_sample=True,
+                                                       temperature=float(np.float32(0.7)),
+                                                       top_p=float(torch.tensor(0.9)), seed=3)
+    assert lm.generate("Hello", max_new_tokens=4, temperature=1e-7) == lm.generate("Hello", max_new_tokens=4)
+
+
 def test_extreme_but_valid_sampling_settings_run(lm):
     """The smallest temperature allowed is greedy decoding in effect; a hot one with banned tokens stays finite."""
     greedy = lm.generate("Hello", max_new_tokens=6)

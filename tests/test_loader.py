@@ -418,3 +418,12 @@ def test_infinite_weights_are_named_when_quantizing(tmp_path, backend):
     save_file({**sd, "h.0.mlp.dense_h_to_4h.weight": w}, str(path))
     with pytest.raises(MinibloomError, match="'h.0.mlp.dense_h_to_4h.weight'.*infinite values"):
         minibloom.load(folder, quantize="int8", backend=backend)
+
+
+def test_config_spellings_transformers_accepts_still_load():
+    from minibloom.bloom import BloomConfig
+    from minibloom.mt5 import T5Config
+    assert T5Config.from_dict({"eos_token_id": [], "num_heads": 6}).eos_token_id == 1     # no list item: the default
+    assert T5Config.from_dict({"eos_token_id": [1, 5], "layer_norm_epsilon": 1}).layer_norm_epsilon == 1.0
+    assert BloomConfig.from_dict({"n_head": 4, "pretraining_tp": None, "n_inner": None}).n_head == 4
+    assert BloomConfig.from_dict({"num_attention_heads": 4, "n_embed": 64, "vocab_size": 640.0}).hidden_size == 64
