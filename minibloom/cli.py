@@ -73,6 +73,21 @@ def positive_int(text):
     return v
 
 
+def stdin_bytes() -> bytes:
+    return sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+
+
+def utf8_text(data: bytes, what: str, by_line: bool) -> str:
+    """data as text (a leading BOM dropped), or one error that places the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        byte, line = f"byte {data[e.start]:#04x}", data[:e.start].count(b"\n") + 1
+        where = (f"{what} line {line} is not UTF-8 text ({byte})" if by_line
+                 else f"{what} is not UTF-8 text ({byte} at offset {e.start})")
+        raise MinibloomError(f"{where}: convert it to UTF-8 (e.g. iconv -t UTF-8)") from None
+
+
 def stop_string(text):
     """--stop "\\n" means a newline: the shell passes backslash escapes through double quotes as they are."""
     if not text:
@@ -102,9 +117,9 @@ def parser() -> argparse.ArgumentParser:
                                    "and speed go to stderr.")
     g.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
     g.add_argument("--prompts", metavar="FILE", default=None,
-                   help="generate for every prompt of FILE (- for stdin), in batches: one prompt per line, or JSON lines "
-                        "(.jsonl, .json) with a \"prompt\" field; writes one JSON line per prompt, its fields plus "
-                        "\"completion\", in the file's order")
+                   help="generate for every prompt of FILE (- for stdin), in batches: one prompt per line, or JSON "
+                        "lines (.jsonl, .json) with a \"prompt\" field; writes one JSON line per prompt, its fields "
+                        "plus \"completion\", in the file's order")
     g.add_argument("--batch-size", type=positive_int, default=8,
                    help="prompts per batch with --prompts (default 8); prompts of similar length are batched together")
     add_model_arguments(g)
@@ -169,18 +184,10 @@ def read_prompt_file(path: str) -> list[dict]:
     object with a "prompt" string, kept whole so ids or labels come back with the completion, or a bare JSON string;
     a .json file may also be one JSON array of them)."""
     p = Path(path).expanduser()
-    if path == "-":
-        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
-    elif not p.exists() or p.is_dir():
+    if path != "-" and (not p.exists() or p.is_dir()):
         raise MinibloomError(f"--prompts {path}: no such file (one prompt per line, or JSON lines with \"prompt\")")
-    else:
-        data = p.read_bytes()  # a pipe such as <(cmd) or /dev/stdin too
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise MinibloomError(f"{path} line {line} is not UTF-8 text (byte {data[e.start]:#04x}): convert the file to "
-                             f"UTF-8 (e.g. iconv -t UTF-8)") from None
+    # p.read_bytes() reads a pipe such as <(cmd) or /dev/stdin too
+    text = utf8_text(stdin_bytes() if path == "-" else p.read_bytes(), path, by_line=True)
     # Lines end at \n only: str.splitlines would also split at form feeds, U+2028 and other separators.
     lines = [(i, line.removesuffix("\r")) for i, line in enumerate(text.split("\n"), 1) if line.strip()]
     whole = None
@@ -251,12 +258,7 @@ def generate(args) -> int:
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
             raise MinibloomError("no prompt: pass it as an argument or pipe it on stdin")
-        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
-        try:
-            prompt = data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise MinibloomError(f"stdin is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}): convert "
-                                 f"it to UTF-8 (e.g. iconv -t UTF-8)") from None
+        prompt = utf8_text(stdin_bytes(), "stdin", by_line=False)
         prompt = prompt.removesuffix("\n").removesuffix("\r")  # `echo "..." |` adds a newline the text lacks
     if not prompt.strip():
         raise MinibloomError("empty prompt: give the model some text to continue")

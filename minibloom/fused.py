@@ -71,24 +71,21 @@ class FusedBackend(ops.Backend):
             return self.mm.argmax(logits)
         return logits.argmax(-1)
 
-    # The tanh GELUs in one pass, in fp32 per element, where torch's seven or eight ops each read and write the
-    # (B, T, d_ff) activation (a third of a batch-16 fp32 prefill); 16-bit values are rounded once (MATMUL.md).
-    # Not in a compiled step: inductor fuses the reference's ops into its own loop there, as before the kernel.
-    def _gelu_kernel(self, x) -> bool:
+    # The tanh GELUs and T5's RMSNorm in one pass, in fp32, where torch's seven or eight ops each read and write the
+    # activation (the GELUs: a third of a batch-16 fp32 prefill); 16-bit values are rounded as MATMUL.md says.
+    # Not in a compiled step: inductor fuses the reference's ops into its own loop there, as before the kernels.
+    def _elementwise_kernel(self, x) -> bool:
         return self.device.type == "cpu" and x.dtype in self.mm._FLOATS and not torch.compiler.is_compiling()
 
     def rms_norm(self, x, weight, eps):
-        # T5's norm in one pass per row (25 in an mt0-small decode step, eight torch ops each). Inductor fuses the
-        # reference's ops itself inside a compiled step.
-        if self.device.type == "cpu" and not torch.compiler.is_compiling() and x.dtype in self.mm._FLOATS:
-            return self.mm.rms_norm(x, weight, eps)
-        return ops.rms_norm(x, weight, eps)
+        # T5's norm in one pass per row: 25 in an mt0-small decode step, eight torch ops each.
+        return self.mm.rms_norm(x, weight, eps) if self._elementwise_kernel(x) else ops.rms_norm(x, weight, eps)
 
     def bloom_gelu(self, x):
-        return self.mm.tanh_gelu(x, ops.BLOOM_GELU_C) if self._gelu_kernel(x) else ops.bloom_gelu(x)
+        return self.mm.tanh_gelu(x, ops.BLOOM_GELU_C) if self._elementwise_kernel(x) else ops.bloom_gelu(x)
 
     def gated_gelu_new(self, x, gate):
-        if self._gelu_kernel(x) and gate.dtype == x.dtype:
+        if self._elementwise_kernel(x) and gate.dtype == x.dtype:
             return self.mm.tanh_gelu(x, ops.GELU_NEW_C, gate)
         return ops.gelu_new(x) * gate
 

@@ -201,21 +201,18 @@ def test_prompts_file_lines_end_at_newlines_and_json_files_are_read_as_json(fold
     """Form feeds and U+2028 inside a prompt do not split it (str.splitlines would); a .json file may be a JSON
     array or JSON lines; a UTF-8 BOM is skipped."""
     from minibloom.cli import read_prompt_file
-    text = tmp_path / "p.txt"
-    text.write_text("\ufeffone\x0cstill one\u2028and one\r\ntwo\n")
-    assert [r["prompt"] for r in read_prompt_file(str(text))] == ["one\x0cstill one\u2028and one", "two"]
-    jsonl = tmp_path / "p.jsonl"
-    jsonl.write_text('{"prompt": "a\u2028b", "id": 1}\n')
-    assert read_prompt_file(str(jsonl)) == [{"prompt": "a\u2028b", "id": 1}]
-    array = tmp_path / "p.json"
-    array.write_text('[\n  {"prompt": "Hi", "id": 2},\n  "Bonjour"\n]\n')
-    assert read_prompt_file(str(array)) == [{"prompt": "Hi", "id": 2}, {"prompt": "Bonjour"}]
-    lines = tmp_path / "q.json"
-    lines.write_text('{"prompt": "Hi"}\n{"prompt": "Yo"}\n')
-    assert [r["prompt"] for r in read_prompt_file(str(lines))] == ["Hi", "Yo"]
-    single = tmp_path / "one.json"
-    single.write_text('{\n  "prompt": "Hi",\n  "id": 3\n}\n')
-    assert read_prompt_file(str(single)) == [{"prompt": "Hi", "id": 3}]
+
+    def records(name, content):
+        (tmp_path / name).write_text(content)
+        return read_prompt_file(str(tmp_path / name))
+
+    assert [r["prompt"] for r in records("p.txt", "\ufeffone\x0cstill one\u2028and one\r\ntwo\n")] == \
+        ["one\x0cstill one\u2028and one", "two"]
+    assert records("p.jsonl", '{"prompt": "a\u2028b", "id": 1}\n') == [{"prompt": "a\u2028b", "id": 1}]
+    assert records("p.json", '[\n  {"prompt": "Hi", "id": 2},\n  "Bonjour"\n]\n') == \
+        [{"prompt": "Hi", "id": 2}, {"prompt": "Bonjour"}]
+    assert [r["prompt"] for r in records("q.json", '{"prompt": "Hi"}\n{"prompt": "Yo"}\n')] == ["Hi", "Yo"]
+    assert records("one.json", '{\n  "prompt": "Hi",\n  "id": 3\n}\n') == [{"prompt": "Hi", "id": 3}]
 
 
 def test_prompts_from_stdin_with_a_dash(folder):
